@@ -1,0 +1,1 @@
+"""Autograd functions and their plain-PyTorch references (the CPU path)."""
