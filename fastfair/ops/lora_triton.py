@@ -1,0 +1,324 @@
+"""Fused Triton LoRA linear: the autograd function around ``fastfair.kernels.lora``.
+
+Forward ``y = x Wᵀ + b + Σ_a c_a (keep_a ⊙ x) A_aᵀ B_aᵀ`` with ``c_a = s_a / (1 - p_a)``; the
+derivation of the backward and the choice between the two designs are in docs/kernels/lora.md:
+
+* ``"fused"`` (design a): one Triton GEMM adds ``xa_s Bᵀ`` to the accumulator and the bias in the
+  epilogue, so the M×N output is written once (backward: ``dX`` likewise).
+* ``"cublas"`` (design b): cuBLAS for the base product, then ``y += xa_s Bᵀ`` in place.
+
+Both draw the dropout masks in-kernel from one seed per call and redraw them in backward;
+``drop(x)`` is never stored. An int8 base is either dequantized into one reused 16-bit buffer
+(``"dequant"``) or read as int8 by the fused GEMM (``"inloop"``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..backend import nvtx_range, resolve_backend
+from ..kernels import lora as kl
+from .lora import Int8Weight, lora_linear_reference
+
+# Module-level switches (the benchmark forces each design through them). None: choose per shape.
+DESIGN: str | None = None  # "fused" | "cublas"
+INT8_DESIGN: str | None = None  # "dequant" | "inloop"
+# Byte/FLOP model of docs/kernels/lora.md: the fused GEMM wins while the reduction length is below
+# about 2·(peak FLOP/s ÷ HBM B/s)/(1/eff − 1) with eff = Triton GEMM speed ÷ cuBLAS speed. The
+# value assumes eff ≈ 0.85 on H100 and awaits a GPU calibration run of bench/lora_linear.py.
+FUSED_MAX_REDUCTION = 2048
+MAX_RANK = 256
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the kernels write comes from here (tests patch it to hand out NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _draw_seed() -> int:
+    # The CPU generator: a host value, so drawing it never waits for the GPU.
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def choose_design(reduction: int) -> str:
+    """``DESIGN`` when set, else fused below ``FUSED_MAX_REDUCTION`` (K forward, N for dX)."""
+    if DESIGN is not None:
+        return DESIGN
+    return "fused" if reduction <= FUSED_MAX_REDUCTION else "cublas"
+
+
+def choose_int8() -> str:
+    """``INT8_DESIGN`` when set, else dequantize + GEMM (reported ~4% over bf16 on H100)."""
+    return INT8_DESIGN if INT8_DESIGN is not None else "dequant"
+
+
+# -- int8 dequantization into one reused buffer ---------------------------------------------------
+_DEQUANT: dict = {}  # (device, dtype) -> (flat buffer, tag of the weight it holds)
+
+
+def _dequantized(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``CB · SCB/127`` in ``dtype``, in a buffer shared by all layers on the device.
+
+    The buffer is rewritten only when it holds another weight (or the same one changed in place),
+    so a layer's forward and the backward right after it dequantize once. All work is on the
+    current stream, in order; not safe if layers run on several streams at once.
+    """
+    key = (CB.device, dtype)
+    buf, tag = _DEQUANT.get(key, (None, None))
+    want = (CB.shape, CB._version, SCB._version)
+    n_el = CB.numel()
+    if tag is not None and tag[0]() is CB and tag[1]() is SCB and tag[2] == want:
+        return buf[:n_el].view(CB.shape)
+    if buf is None or buf.numel() < n_el:
+        _DEQUANT.pop(key, None)  # free the smaller buffer before allocating its successor
+        buf = _alloc((n_el,), dtype, CB.device)
+    w = buf[:n_el].view(CB.shape)
+    with nvtx_range("fastfair.lora.dequant_int8"):
+        torch.mul(CB, (SCB.float() / 127.0).unsqueeze(1), out=w)
+    _DEQUANT[key] = (buf, (weakref.ref(CB), weakref.ref(SCB), want))
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def _group_meta(device: torch.device, offs: tuple, ps: tuple):
+    """Device copies of the adapters' rank offsets and dropout rates, made once per stack."""
+    o = torch.tensor(offs, dtype=torch.int32)
+    p = torch.tensor(ps, dtype=torch.float32)
+    if device.type == "cuda":  # pinned + non_blocking: no stream synchronization
+        return o.pin_memory().to(device, non_blocking=True), p.pin_memory().to(device, non_blocking=True)
+    return o.to(device), p.to(device)
+
+
+# -- validation ------------------------------------------------------------------------------------
+def _check(x, weight, bias, lora_A, lora_B, scales, dropout) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"x must be a tensor with at least one dim, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x.dtype must be one of {DTYPES} for backend='triton', got {x.dtype}")
+    K = x.shape[-1]
+    if isinstance(weight, Int8Weight):
+        CB, SCB = weight
+        if CB.dtype != torch.int8 or CB.dim() != 2:
+            raise ValueError(f"Int8Weight.CB must be a 2-D int8 tensor, got {CB.dtype} {tuple(CB.shape)}")
+        if SCB.shape != (CB.shape[0],) or not SCB.dtype.is_floating_point:
+            raise ValueError(f"Int8Weight.SCB must be float of shape ({CB.shape[0]},), got "
+                             f"{SCB.dtype} {tuple(SCB.shape)}")
+        w, tensors = CB, [CB, SCB]
+    else:
+        w, tensors = weight, [weight]
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.dtype.is_floating_point:
+            raise ValueError(f"weight must be a 2-D float tensor or an Int8Weight, got {w!r:.80}")
+        if w.requires_grad:
+            raise ValueError("the base weight must be frozen (requires_grad=False) for backend='triton'")
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"x has last dim {K} but the weight has shape {tuple(w.shape)} (out, in)")
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        tensors.append(bias)
+    n = len(lora_A)
+    if not (len(lora_B) == len(scales) == len(dropout) == n):
+        raise ValueError(f"lora_A, lora_B, scales, dropout must have one entry per adapter, got lengths "
+                         f"{len(lora_A)}, {len(lora_B)}, {len(scales)}, {len(dropout)}")
+    for a, (A, B, s, p) in enumerate(zip(lora_A, lora_B, scales, dropout)):
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.dim() != 2 or A.shape[1] != K or not 1 <= r <= MAX_RANK:
+            raise ValueError(f"lora_A[{a}] must have shape (r, {K}) with 1 <= r <= {MAX_RANK}, "
+                             f"got {tuple(A.shape)}")
+        if B.shape != (N, r):
+            raise ValueError(f"lora_B[{a}] must have shape ({N}, {r}), got {tuple(B.shape)}")
+        if not (A.dtype.is_floating_point and B.dtype.is_floating_point):
+            raise ValueError(f"adapter {a} must be floating point, got {A.dtype}, {B.dtype}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"scales[{a}] must be a finite Python number, got {s!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout[{a}] must be a Python number in [0, 1), got {p!r}")
+        tensors += [A, B]
+    for t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"all tensors must be on x's device {x.device}, found one on {t.device}")
+
+
+# -- autograd function -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    starts: tuple  # rank offset of each adapter in the stack, then the total R
+    coefs: tuple  # c_a = s_a / (1 - p_a) when dropout is on, else s_a
+    ps: tuple
+    dropout: bool  # training and some p_a > 0
+    seed: int
+    int8: str
+
+    @property
+    def n(self) -> int:
+        return len(self.coefs)
+
+    def sl(self, a: int) -> slice:
+        return slice(self.starts[a], self.starts[a + 1])
+
+
+def _stack(tensors, dtype, dim):
+    if len(tensors) == 1:
+        return tensors[0].to(dtype)
+    return torch.cat([t.to(dtype) for t in tensors], dim)
+
+
+def _dense(w, scb, dtype):
+    return _dequantized(w, scb, dtype) if scb is not None else w.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, scb, bias, plan: _Plan, *ab):
+        n, dt, dev = plan.n, x.dtype, x.device
+        Kdim = x.shape[-1]
+        x2 = x.reshape(-1, Kdim)  # a view when x's strides allow; kernels take any strides
+        M, N, R = x2.shape[0], w.shape[0], plan.starts[-1]
+        A_cat = _stack(ab[:n], dt, 0) if n else None
+        B_cat = _stack(ab[n:], dt, 1) if n else None
+        bias_c = None if bias is None else bias.to(dt)
+        xa = None
+        if n:
+            xa = _alloc((M, R), dt, dev)
+            for a in range(n):
+                drop = plan.dropout and plan.ps[a] > 0
+                with nvtx_range("fastfair.lora.down"):
+                    kl.lora_down(x2, A_cat, xa, plan.seed, plan.coefs[a], plan.ps[a], a,
+                                plan.starts[a], plan.starts[a + 1] - plan.starts[a], drop)
+        y = _alloc((M, N), dt, dev)
+        lora = dict(L=xa, U=B_cat, u_transposed=True) if n else {}
+        if scb is not None and plan.int8 == "inloop":
+            with nvtx_range("fastfair.lora.fused_gemm_int8"):
+                kl.lora_gemm(x2, w, y, q_transposed=True, bias=bias_c,
+                            col_scale=scb.float() / 127.0, **lora)
+        elif choose_design(Kdim) == "fused":
+            W = _dense(w, scb, dt)
+            with nvtx_range("fastfair.lora.fused_gemm"):
+                kl.lora_gemm(x2, W, y, q_transposed=True, bias=bias_c, **lora)
+        else:
+            W = _dense(w, scb, dt)
+            with nvtx_range("fastfair.lora.base_mm"):
+                if bias_c is None:
+                    torch.mm(x2, W.t(), out=y)
+                else:
+                    torch.addmm(bias_c, x2, W.t(), out=y)
+            if n:
+                with nvtx_range("fastfair.lora.up_addmm"):
+                    y.addmm_(xa, B_cat.t())
+        ctx.plan = plan
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.ab_dtypes = [t.dtype for t in ab]
+        ctx.save_for_backward(x2, w, scb, A_cat, B_cat, xa)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, scb, A_cat, B_cat, xa = ctx.saved_tensors
+        plan, n = ctx.plan, ctx.plan.n
+        dt, dev = x2.dtype, x2.device
+        (M, Kdim), N = x2.shape, w.shape[0]
+        dy2 = dy.reshape(-1, N).to(dt)
+        need = ctx.needs_input_grad
+        need_x, need_bias = need[0], need[3]
+        train_A, train_B = need[5:5 + n], need[5 + n:]
+        dx = dbias = None
+        dA, dB = [None] * n, [None] * n
+
+        gs = None
+        if n and (need_x or any(train_A)):
+            # gs[:, a] = c_a · dY B_a: the scale rides on B (R×N), never on an M-sized tensor.
+            B_s = torch.cat([B_cat[:, plan.sl(a)] * plan.coefs[a] for a in range(n)], 1)
+            gs = _alloc((M, plan.starts[-1]), dt, dev)
+            with nvtx_range("fastfair.lora.bwd_g"):
+                torch.mm(dy2, B_s, out=gs)
+
+        if need_x:
+            dx = _alloc((M, Kdim), dt, dev)
+            lora = dict(L=gs, U=A_cat) if n else {}
+            if n and plan.dropout:
+                offs, ps = _group_meta(dev, plan.starts, plan.ps)
+                lora.update(group_offs=offs, group_p=ps, n_groups=n, seed=plan.seed)
+            if scb is not None and plan.int8 == "inloop":
+                with nvtx_range("fastfair.lora.bwd_dx_fused_int8"):
+                    kl.lora_gemm(dy2, w, dx, q_transposed=False, row_scale=scb.float() / 127.0, **lora)
+            elif choose_design(N) == "fused":
+                W = _dense(w, scb, dt)
+                with nvtx_range("fastfair.lora.bwd_dx_fused"):
+                    kl.lora_gemm(dy2, W, dx, q_transposed=False, **lora)
+            else:
+                W = _dense(w, scb, dt)
+                with nvtx_range("fastfair.lora.bwd_dx_mm"):
+                    torch.mm(dy2, W, out=dx)
+                if n and plan.dropout:
+                    with nvtx_range("fastfair.lora.bwd_dx_lora"):
+                        kl.lora_gemm(dy2, W, dx, q_transposed=False, base=False, accumulate=True, **lora)
+                elif n:
+                    with nvtx_range("fastfair.lora.bwd_dx_lora"):
+                        dx.addmm_(gs, A_cat)
+            dx = dx.view(ctx.x_shape)
+
+        for a in range(n):
+            sl = plan.sl(a)
+            if train_A[a]:
+                if plan.dropout and plan.ps[a] > 0:
+                    rank = sl.stop - sl.start
+                    part = _alloc((kl.dA_splits(M, Kdim, rank, dev), rank, Kdim), torch.float32, dev)
+                    with nvtx_range("fastfair.lora.bwd_dA"):
+                        kl.lora_dA_partial(gs, x2, part, plan.seed, plan.ps[a], a, sl.start, rank)
+                    dA[a] = part.sum(0).to(ctx.ab_dtypes[a])
+                else:
+                    with nvtx_range("fastfair.lora.bwd_dA"):
+                        dA[a] = (gs[:, sl].t() @ x2).to(ctx.ab_dtypes[a])
+            if train_B[a]:
+                # xa already holds c_a (keep ⊙ x) A_aᵀ: dB_a = dYᵀ xa_a with no rescale.
+                with nvtx_range("fastfair.lora.bwd_dB"):
+                    dB[a] = (dy2.t() @ xa[:, sl]).to(ctx.ab_dtypes[n + a])
+        if need_bias:
+            dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (dx, None, None, dbias, None, *dA, *dB)
+
+
+def lora_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor | Int8Weight,
+    bias: torch.Tensor | None,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    dropout: Sequence[float],
+    training: bool = True,
+) -> torch.Tensor:
+    """Fused LoRA linear on Triton; same contract as ``lora_linear_reference`` (without masks).
+
+    Raises ``ValueError`` for unsupported input before any kernel runs.
+    """
+    _check(x, weight, bias, lora_A, lora_B, scales, dropout)
+    resolve_backend("triton", x.device)  # CPU tensors only under TRITON_INTERPRET=1
+    N = weight.shape[0]
+    if x.numel() == 0 or N == 0:  # nothing for a kernel to do; keep autograd's shapes right
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training)
+    drop = bool(training) and any(p > 0 for p in dropout)
+    starts = [0]
+    for A in lora_A:
+        starts.append(starts[-1] + A.shape[0])
+    plan = _Plan(
+        starts=tuple(starts),
+        coefs=tuple(float(s) / (1.0 - p) if drop and p > 0 else float(s) for s, p in zip(scales, dropout)),
+        ps=tuple(float(p) if drop else 0.0 for p in dropout),
+        dropout=drop,
+        seed=_draw_seed() if drop else 0,
+        int8=choose_int8(),
+    )
+    if isinstance(weight, Int8Weight):
+        w, scb = weight.CB, weight.SCB
+    else:
+        w, scb = weight, None
+    return LoRALinearFunction.apply(x, w, scb, bias, plan, *lora_A, *lora_B)

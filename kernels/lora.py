@@ -1,0 +1,329 @@
+"""Triton kernels of the fused LoRA linear layer (autograd wiring: ``fastfair.ops.lora_triton``).
+
+Notation: ``x`` [M, K], base weight ``W`` [N, K] (dense, or int8 rows with a per-row scale),
+stacked adapters ``A`` [R, K] and ``B`` [N, R], adapter ``a`` owning rank rows
+``[start_a, start_a + r_a)``, ``c_a = s_a / (1 - p_a)`` its scale with the dropout rescale folded in.
+
+* ``lora_down``: ``xa_s[:, a] = c_a · (keep_a ⊙ x) A_aᵀ`` with the keep-mask drawn in-kernel, so
+  ``drop(x)`` never exists in memory.
+* ``lora_gemm``: ``C = P Q (+ bias) (+ Σ_g keep_g ⊙ (L_g U_g)) (+ C)``, strided so that one kernel
+  is both the fused forward ``y = x Wᵀ + b + xa_s Bᵀ`` and the fused input gradient
+  ``dX = dY W + Σ_a keep_a ⊙ (g_a A_a)``; int8 ``W`` is loaded as int8 and scaled per output
+  row (forward: in the epilogue, exact) or per reduction row (backward: on the tile).
+* ``lora_dA``: ``dA_a = g_aᵀ (keep_a ⊙ x)``, split over M for parallelism, mask redrawn.
+* ``dropout_mask``: materializes one adapter's keep-mask, for tests and debugging.
+
+Every keep-mask bit is ``rand(seed, m·K + k + a·2⁴⁰) >= p_a`` (Philox, ``tl.rand``): a function of
+the element's logical position and the adapter index only, so forward and backward agree whatever
+the tiling or the strides of ``x``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
+
+ADAPTER_SHIFT = 40  # adapters' Philox offsets are 2**40 apart: any M·K below that never collides
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, adapter, p):
+    offs = rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
+    offs += tl.cast(adapter, tl.int64) * (1 << 40)
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(seed, rm, rk, K, adapter, p)
+    ptrs = out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+def _lora_down_kernel(
+    x_ptr, a_ptr, out_ptr, seed, coef, p, adapter, start, rank, M, K,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk0 = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    r_ok = rr < rank
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + (start + rr).to(tl.int64)[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        k_ok = rk < K
+        xt = tl.load(x_rows + rk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
+        at = tl.load(a_cols + rk[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=INPUT_PRECISION)
+    acc *= coef
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + (start + rr)[None, :] * stride_or
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_gemm_kernel(
+    p_ptr, q_ptr, c_ptr, l_ptr, u_ptr, bias_ptr, col_scale_ptr, row_scale_ptr,
+    group_offs_ptr, group_p_ptr, seed, M, N, K, R, n_groups,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, MASKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row blocks share each Q column block while it is in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk0 = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    dtype = p_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_BASE:
+        p_rows = p_ptr + rm.to(tl.int64)[:, None] * stride_pm
+        q_cols = q_ptr + rn.to(tl.int64)[None, :] * stride_qn
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < K
+            pt = tl.load(p_rows + rk[None, :] * stride_pk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            qt = tl.load(q_cols + rk.to(tl.int64)[:, None] * stride_qk, mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if ROW_SCALE:
+                # int8 rows scaled along the reduction: dequantize the tile as the reference does.
+                rs = tl.load(row_scale_ptr + rk, mask=k_ok, other=0.0)
+                qt = (qt.to(tl.float32) * rs[:, None]).to(dtype)
+            else:
+                qt = qt.to(dtype)  # int8 values are exact in 16-bit floats
+            acc = tl.dot(pt, qt, acc, input_precision=INPUT_PRECISION)
+        if COL_SCALE:
+            # Per-output-row int8 scale factors out of the sum over K: one multiply per output.
+            acc *= tl.load(col_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+
+    if HAS_LORA:
+        l_rows = l_ptr + rm.to(tl.int64)[:, None] * stride_lm
+        u_cols = u_ptr + rn.to(tl.int64)[None, :] * stride_un
+        if MASKED:
+            for g in range(0, n_groups):
+                g_start = tl.load(group_offs_ptr + g)
+                g_end = tl.load(group_offs_ptr + g + 1)
+                lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(g_start, g_end, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = rr < g_end
+                    lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                    ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                    lr = tl.dot(lt, ut, lr, input_precision=INPUT_PRECISION)
+                keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
+                acc += tl.where(keep, lr, 0.0)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rr < R
+                lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(lt, ut, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+def _lora_dA_kernel(
+    g_ptr, x_ptr, out_ptr, seed, p, adapter, start, rank, M, K, rows_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = rk < K
+    r_ok = rr < rank
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < m_end
+        gt = tl.load(g_ptr + rm.to(tl.int64)[None, :] * stride_gm + (start + rr)[:, None] * stride_gr,
+                     mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
+        acc = tl.dot(gt, xt, acc, input_precision=INPUT_PRECISION)
+    out = out_ptr + split.to(tl.int64) * stride_os + rr[:, None] * stride_or + rk[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+# -- configurations ------------------------------------------------------------------------------
+
+def _gemm_configs() -> list[triton.Config]:
+    """Hopper candidates for the fused GEMM (bf16/fp16 tiles; fp32 falls back to the smaller ones)."""
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+# Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct.
+_lora_gemm_tuned = triton.autotune(
+    configs=_gemm_configs(), key=["M", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE"],
+    restore_value=["c_ptr"],
+)(_lora_gemm_kernel)
+
+
+def _pow2_at_least_16(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+@functools.cache
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fixed_gemm_meta(dtype: torch.dtype) -> dict:
+    if triton_interpreting():
+        # Small tiles so the tests' odd shapes cross tile borders; one config (no autotune).
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2 if fp32 else 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting so the fused path agrees with cuBLAS on it.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# -- launchers (thin: checks are done by the caller in fastfair.ops.lora_triton) ------------------
+
+def dropout_mask(seed: int, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
+    """The keep-mask (bool [M, K]) that the kernels draw for adapter ``adapter`` with ``seed``."""
+    out = torch.empty((M, K), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=32, BLOCK_K=32)
+    return out.bool()
+
+
+def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> None:
+    """``out[:, start:start+rank] = coef · (keep ⊙ x) A[start:start+rank]ᵀ``."""
+    M, K = x.shape
+    block_r = _pow2_at_least_16(rank, 64)
+    block_m, block_k, warps = (32, 32, 4) if triton_interpreting() else (64, 64, 4)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(rank, block_r))
+    _lora_down_kernel[grid](
+        x, A, out, seed, float(coef), float(p), adapter, start, rank, M, K,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+        DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+    )
+
+
+def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool = False,
+              bias=None, col_scale=None, row_scale=None, base: bool = True, accumulate: bool = False,
+              group_offs=None, group_p=None, n_groups: int = 0, seed: int = 0) -> None:
+    """``C (+)= P·op(Q) [·col_scale] (+ bias) + Σ_g keep_g ⊙ (L_g op(U)_g)``.
+
+    ``op(Q)`` is ``Qᵀ`` when ``q_transposed`` (Q stored [N, K], as a linear weight), else ``Q``
+    ([K, N]); same for ``U``. ``group_offs``/``group_p`` (device int32 [n_groups+1] / float32
+    [n_groups]) turn on the per-group dropout masks, drawn at (row, column) of ``C``.
+    """
+    M, K = P.shape
+    N = C.shape[1]
+    R = 0 if L is None else L.shape[1]
+    sqk, sqn = (Q.stride(1), Q.stride(0)) if q_transposed else (Q.stride(0), Q.stride(1))
+    if L is None:
+        L = U = P  # never read: HAS_LORA is off
+        sur = sun = 0
+    else:
+        sur, sun = (U.stride(1), U.stride(0)) if u_transposed else (U.stride(0), U.stride(1))
+    masked = group_offs is not None
+    args = (
+        P, Q, C, L, U, bias if bias is not None else P,
+        col_scale if col_scale is not None else P, row_scale if row_scale is not None else P,
+        group_offs if masked else P, group_p if masked else P, seed, M, N, K, R, n_groups,
+        P.stride(0), P.stride(1), sqk, sqn, C.stride(0), C.stride(1),
+        L.stride(0), L.stride(1), sur, sun,
+    )
+    flags = dict(
+        HAS_BASE=base, HAS_LORA=R > 0, MASKED=masked, HAS_BIAS=bias is not None,
+        COL_SCALE=col_scale is not None, ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate,
+        INPUT_PRECISION=_precision(P.dtype), BLOCK_R=_pow2_at_least_16(R, 64),
+    )
+    if not triton_interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _lora_gemm_tuned[grid](*args, **flags)
+        return
+    meta = _fixed_gemm_meta(P.dtype)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _lora_gemm_kernel[grid](*args, **flags, **meta)
+
+
+def _dA_plan(M: int, K: int, rank: int, device) -> tuple[int, int, int, int, int, int]:
+    block_r = _pow2_at_least_16(rank, 64)
+    if triton_interpreting() or device.type != "cuda":
+        block_m, block_k, warps, target = 16, 32, 4, 2
+    else:
+        block_m, block_k, warps, target = 64, 64, 4, 4 * _sm_count(device.index or 0)
+    tiles = triton.cdiv(K, block_k) * triton.cdiv(rank, block_r)
+    # Split the long reduction over M so the grid fills the GPU; the splits are summed by torch.
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, tiles)))
+    rows = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    return block_m, block_k, block_r, warps, triton.cdiv(M, rows), rows
+
+
+def dA_splits(M: int, K: int, rank: int, device) -> int:
+    """How many M-splits ``lora_dA_partial`` writes (the caller allocates ``[splits, rank, K]``)."""
+    return _dA_plan(M, K, rank, device)[4]
+
+
+def lora_dA_partial(g, x, out, seed, p, adapter, start, rank) -> None:
+    """``out[s] = g[rows_s, start:start+rank]ᵀ (keep ⊙ x)[rows_s]``: fp32 partials over M-splits."""
+    M, K = x.shape
+    block_m, block_k, block_r, warps, splits, rows = _dA_plan(M, K, rank, x.device)
+    grid = (triton.cdiv(K, block_k), splits, triton.cdiv(rank, block_r))
+    _lora_dA_kernel[grid](
+        g, x, out, seed, float(p), adapter, start, rank, M, K, rows,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=warps,
+    )
