@@ -1,0 +1,99 @@
+"""Fused Triton LoRA on CUDA: bf16/fp16 at ViT layer shapes against float64, no host syncs."""
+import math
+
+import pytest
+import torch
+
+from fastfair.kernels.lora import dropout_mask
+from fastfair.ops import lora_triton as lt
+from fastfair.ops.lora import Int8Weight, lora_linear_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SEED = 7
+VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N): qkv, proj, fc1, fc2
+
+
+@pytest.fixture(autouse=True)
+def _pin_seed(monkeypatch):
+    monkeypatch.setattr(lt, "_draw_seed", lambda: SEED)
+    monkeypatch.setattr(lt, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
+    monkeypatch.setattr(lt, "_DEQUANT", {})
+
+
+def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch):
+    monkeypatch.setattr(lt, "DESIGN", design)
+    monkeypatch.setattr(lt, "INT8_DESIGN", int8_design)
+    gen = torch.Generator(device="cuda").manual_seed(M + K + N)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    x = rnd(M // 197, 197, K).to(dtype).requires_grad_()
+    if int8:
+        CB = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8, generator=gen)
+        SCB = torch.rand(N, device="cuda", generator=gen) / math.sqrt(K) + 0.01
+        w, w64 = Int8Weight(CB, SCB), Int8Weight(CB, SCB.double())
+    else:
+        w = (rnd(N, K) / math.sqrt(K)).to(dtype)
+        w64 = w.double()
+    b = rnd(N).to(dtype).requires_grad_()
+    As = [(rnd(r, K) / math.sqrt(K)).requires_grad_() for r in ranks]
+    Bs = [(rnd(N, r) / math.sqrt(r)).requires_grad_() for r in ranks]
+    scales = [2.0 / (i + 1) for i in range(len(ranks))]
+    y = lt.lora_linear_triton(x, w, b, As, Bs, scales, ps, True)
+    dy = rnd(*y.shape).to(dtype)
+    y.backward(dy)
+
+    masks = [dropout_mask(SEED, M, K, p, a, "cuda").view(x.shape) if p > 0 else None
+             for a, p in enumerate(ps)]
+    d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    x64, b64, A64, B64 = d(x), d(b), [d(A) for A in As], [d(B) for B in Bs]
+    y64 = lora_linear_reference(x64, w64, b64, A64, B64, scales, ps, True, masks=masks)
+    y64.backward(dy.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    pairs = [("y", y, y64), ("dx", x.grad, x64.grad), ("dbias", b.grad, b64.grad)]
+    pairs += [(f"dA{a}", As[a].grad, A64[a].grad) for a in range(len(ranks))]
+    pairs += [(f"dB{a}", Bs[a].grad, B64[a].grad) for a in range(len(ranks))]
+    for name, got, want in pairs:
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * want.abs().max().item(), f"{name}: {err} vs max {want.abs().max().item()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K, N", VIT_B)
+@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("r", [8, 64])
+def test_vit_b_shapes(dtype, K, N, design, r, monkeypatch):
+    check(8 * 197, K, N, dtype, [r], [0.1], False, design, None, monkeypatch)
+
+
+@pytest.mark.parametrize("design, int8_design", [("fused", "dequant"), ("cublas", "dequant"),
+                                                 ("fused", "inloop")])
+@pytest.mark.parametrize("K, N", [(1024, 4096), (4096, 1024)])  # ViT-L fc1, fc2
+def test_int8_base_vit_l(design, int8_design, K, N, monkeypatch):
+    check(4 * 197, K, N, torch.bfloat16, [16], [0.0], True, design, int8_design, monkeypatch)
+
+
+@pytest.mark.parametrize("design", ["fused", "cublas"])
+def test_stacked_adapters_rank_256(design, monkeypatch):
+    check(2 * 197, 1024, 3072, torch.bfloat16, [256, 8, 1], [0.1, 0.0, 0.3], False, design, None,
+          monkeypatch)
+
+
+def test_training_step_has_no_host_sync(monkeypatch):
+    monkeypatch.setattr(lt, "_alloc", lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
+    x = torch.randn(4 * 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    CB = torch.randint(-127, 128, (2304, 768), device="cuda", dtype=torch.int8)
+    SCB = torch.rand(2304, device="cuda")
+    A = torch.randn(16, 768, device="cuda", requires_grad=True)
+    B = torch.randn(2304, 16, device="cuda", requires_grad=True)
+
+    def step():
+        y = lt.lora_linear_triton(x, Int8Weight(CB, SCB), None, [A, A], [B, B], [1.0, 0.5], [0.1, 0.2], True)
+        y.backward(torch.ones_like(y))
+
+    step()  # compiles, autotunes, caches the adapters' offsets
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
