@@ -133,10 +133,12 @@ def test_gradient_through_one_output_only(which):
     torch.testing.assert_close(grad.double(), truth, rtol=1e-5, atol=1e-6)
 
 
-def test_strided_rows_and_int32_labels():
+def test_strided_rows_and_labels_and_int32_labels():
     base, y, g, wl, ws = make(4, 12, 2, 7)
     x = base[:, :9]  # row stride 12, 9 classes
-    y = (y % 9).to(torch.int32)
+    y = torch.stack([y % 9, y.flip(0) % 9], 1).to(torch.int32)[:, 0]  # labels with stride 2
+    g = torch.stack([g, 1 - g], 1)[:, 0]
+    assert y.stride(0) == 2 and g.stride(0) == 2
     truth = float64_truth(x, y, g.to(torch.int32), 2, w_loss=wl, w_sum=ws)
     assert_matches(run("triton", x, y, g.to(torch.int32), 2, 0.0, wl, ws), truth, torch.float32)
 

@@ -191,6 +191,7 @@ class GroupedCrossEntropyFunction(torch.autograd.Function):
 
         if logits.stride(1) != 1:
             logits = logits.contiguous()
+        labels, groups = labels.contiguous(), groups.contiguous()  # the kernels index them densely
         n, c = logits.shape
         dev = logits.device
         loss = _empty(n, torch.float32, dev)
