@@ -2,7 +2,6 @@
 process on the concatenated batch."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
