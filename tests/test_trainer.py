@@ -1,0 +1,109 @@
+"""The trainer end to end on the CPU: smoke runs, resume, 2 processes, bad data, FairLoRA's effect."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastfair.config import TrainConfig, load_config
+from fastfair.trainer import main, train
+
+
+def tiny(tmp_path, **kw):
+    base = dict(model="test_vit", img_size=16, patch_size=8, depth=2, rank=4, epochs=1, max_steps=2,
+                batch_size=16, eval_batch_size=128, repeats=1, log_with=None, log_every=1,
+                report_ci=False, output_dir=str(tmp_path / "run"), warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapter_tensors(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_smoke_colored_digits_writes_run_dir(tmp_path):
+    res = train(tiny(tmp_path, lam=1.0))
+    out = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "predictions_val.npz", "predictions_test.npz",
+              "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "meta.json"):
+        assert (out / f).is_file(), f
+    assert len(list((out / "checkpoints").glob("step_*"))) == 1
+    assert 0.0 <= res["test"]["accuracy"] <= 1.0 and len(res["test"]["group_accuracy"]) == 100
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and "val/worst_group_accuracy" in record
+    assert load_config(out / "config.yaml").lam == 1.0
+
+
+def write_csv_dataset(root, rows):
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,group,split"]
+    rng = np.random.default_rng(0)
+    for i, (label, group, split) in enumerate(rows):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{label},{group},{split}")
+    (root / "meta.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_smoke_csv(tmp_path):
+    rows = [(i % 2, (i // 2) % 2, "train" if i < 24 else ("val" if i < 30 else "test")) for i in range(36)]
+    write_csv_dataset(tmp_path, rows)
+    res = train(tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv"), batch_size=8,
+                     penalty="worst", lam=1.0))
+    assert len(res["test"]["group_accuracy"]) == 2
+
+
+def test_bad_csv_fails_before_training(tmp_path):
+    rows = [(0, 0, "train"), (1, 1, "val"), (1, 0, "test")]
+    write_csv_dataset(tmp_path, rows)
+    (tmp_path / "img" / "1.png").unlink()
+    with pytest.raises(ValueError, match=r"1\.png"):
+        train(tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv")))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    kw = dict(max_steps=None, epochs=2, batch_size=32, lam=0.5, penalty="worst")
+    full = tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw)
+    train(full)
+    steps = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert steps > 4
+    part = tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw)
+    assert train(part, stop_after_steps=steps // 2 + 1)["stopped_at"] == steps // 2 + 1
+    assert not (tmp_path / "part" / "adapter").exists()
+    assert main(["--resume", str(tmp_path / "part")]) == 0
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _ddp_run(out_dir, batch_size):
+    train(tiny(Path(out_dir), batch_size=batch_size, max_steps=3, lam=1.0, output_dir=out_dir))
+
+
+def test_two_processes_match_one(tmp_path):
+    from accelerate import debug_launcher
+
+    one = tmp_path / "one"
+    train(tiny(tmp_path, batch_size=32, max_steps=3, lam=1.0, output_dir=str(one)))
+    two = tmp_path / "two"
+    debug_launcher(_ddp_run, args=(str(two), 16), num_processes=2)
+    a, b = adapter_tensors(one), adapter_tensors(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    pa, pb = np.load(one / "predictions_test.npz"), np.load(two / "predictions_test.npz")
+    assert len(pa["labels"]) == len(pb["labels"])
+    np.testing.assert_allclose(pa["probs"], pb["probs"], rtol=1e-4, atol=1e-5)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="finetune must be one of"):
+        tiny(tmp_path, finetune="half").validate()
+    (tmp_path / "c.yaml").write_text("rank: 4\nranks: 8\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['ranks'\]"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="xformers"):
+        train(tiny(tmp_path, attn="xformers"))
