@@ -27,17 +27,15 @@ import triton.language as tl
 
 from ..backend import triton_interpreting
 
-ADAPTER_SHIFT = 40  # adapters' Philox offsets are 2**40 apart: any M·K below that never collides
-
-
 @triton.jit
 def _keep(seed, rows, cols, K, adapter, p):
+    # Adapters' Philox counters are 2**40 apart: no collision while M·K < 2**40.
     offs = rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
     offs += tl.cast(adapter, tl.int64) * (1 << 40)
     return tl.rand(seed, offs) >= p
 
 
-@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["seed", "adapter"])
 def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
