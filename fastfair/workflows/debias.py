@@ -1,0 +1,320 @@
+"""``fastfair debias``: PEFTDebias in two phases (Agarwal et al., 2023), for images.
+
+Upstream: a LoRA adapter is trained along one bias axis on counterfactually augmented data with
+the backbone frozen, and saved in PEFT format. Downstream: it is loaded frozen (as adapter
+``"debias"``) beside a new trainable task adapter, and the task is fine-tuned; a baseline with
+the task adapter alone gets the same seed and budget. Both are run on the task the adapter was
+trained on and on a second task on the same axis (the paper's transfer claim).
+
+Embedded benchmark (axis = color). No pretrained weights exist offline, so the backbone is
+pre-trained here first: full training on 10-class colored digits, with the benchmark's
+color-digit correlation, on one half of the training digits (so it carries the color bias a
+pretrained model would bring). The other half serves everything after it:
+upstream, 10-class digits where each image is paired with a recolored twin (same label, another
+color; both in the training set); task 1, 10-class digits; task 2 (``digit_lt5``, transfer), binary
+``digit < 5`` with IRM's two colors. Training colors are correlated with the label, test colors
+are uniform. Bias is read as worst-group accuracy, accuracy gap, equalized odds and the
+counterfactual flip rate (share of test predictions that change when only the color changes).
+
+CSV data: the counterfactual comes from ``--counterfactual module:function`` (called as
+``fn(image, label, group)`` and returning the twin image; the twin keeps the group); without one,
+the upstream adapter is trained with group-balanced resampling and the fairness loss instead.
+``--transfer-csv`` names the second task's metadata CSV. The backbone is ``--checkpoint`` or
+``--pretrained`` when given, else pre-trained on the task's own training split.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from ..adapters import load_adapter
+from ..config import TrainConfig, add_config_arguments, config_from_args
+from ..data import ColoredDigits, build_datasets, other_colors, recolor
+from ..inject import lora_layers
+from ..models import create_backbone, load_backbone_weights
+from .bias_transfer import Subset, _mean_std, half_split, predict, run_cfg, stack_images
+
+BIAS_KEYS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference",
+             "counterfactual_flip")
+ARMS = ("baseline", "debias")
+
+
+class Counterfactual(Dataset):
+    """``base`` followed by the counterfactual twin of each of its items (``2n`` items).
+
+    Item ``n + i`` is item ``i`` moved along the axis, with the same label: recolored to another
+    color (drawn once from ``seed``) for colored digits, else ``fn(image, label, group)``.
+    """
+
+    def __init__(self, base, fn=None, seed: int = 0):
+        self.base, self.fn, self.n = base, fn, len(base)
+        for name in ("num_classes", "num_groups", "group_names", "class_names", "mean", "std"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        labels, groups = torch.as_tensor(base.labels), torch.as_tensor(base.groups)
+        if fn is None:
+            k = getattr(base, "num_colors", None) or getattr(getattr(base, "base", None), "num_colors", None)
+            if k is None or not hasattr(base, "attributes"):
+                raise ValueError(f"{type(base).__name__} has no color attribute to recolor; "
+                                 "pass a counterfactual function (module:function)")
+            g = torch.Generator().manual_seed(seed)
+            self.cf_colors = other_colors(torch.as_tensor(base.attributes), k, generator=g)
+            cf_groups = labels * k + self.cf_colors
+        else:
+            cf_groups = groups
+        self.labels = torch.cat([labels, labels])
+        self.groups = torch.cat([groups, cf_groups])
+
+    def __len__(self):
+        return 2 * self.n
+
+    def __getitem__(self, i):
+        if i < self.n:
+            return self.base[i]
+        image, label, group = self.base[i - self.n]
+        if self.fn is None:
+            image = recolor(image, self.cf_colors[i - self.n], self.mean, self.std)
+        else:
+            image = self.fn(image, label, group)
+            if not isinstance(image, torch.Tensor):
+                raise ValueError(f"counterfactual function returned {type(image).__name__} for item "
+                                 f"{i - self.n}, expected an image tensor")
+        return image, label, int(self.groups[i])
+
+
+def load_function(spec: str):
+    """``"package.module:function"`` -> the function."""
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"counterfactual must be 'module:function', got {spec!r}")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load counterfactual function {spec!r}: {e}") from e
+    if not callable(f):
+        raise ValueError(f"{spec!r} is not callable")
+    return f
+
+
+def benchmark_data(cfg: TrainConfig, seed: int) -> dict:
+    """Backbone, upstream, task-1 and task-2 splits of the embedded benchmark (module docstring)."""
+    kw = dict(image_size=cfg.image_size or cfg.img_size or 32, seed=seed, repeats=cfg.repeats,
+              correlation=cfg.correlation)
+    digits = {s: ColoredDigits(s, binary=False, **kw) for s in ("train", "val", "test")}
+    binary = {s: ColoredDigits(s, binary=True, **kw) for s in ("train", "val", "test")}
+    a, b = half_split(digits["train"], seed)
+    pre = {"train": Subset(digits["train"], a), "val": digits["val"], "test": digits["test"]}
+    task1 = {"train": Subset(digits["train"], b), "val": digits["val"], "test": digits["test"]}
+    task2 = {"train": Subset(binary["train"], b), "val": binary["val"], "test": binary["test"]}
+    return {"pretrain": pre, "tasks": {"digits10": task1, "digit_lt5": task2}}
+
+
+def csv_data(cfg: TrainConfig, transfer_csv: str | None) -> dict:
+    task1 = build_datasets(cfg.to_dict(), image_size=cfg.image_size or cfg.img_size)
+    tasks = {"task": task1}
+    if transfer_csv:
+        tasks["transfer"] = build_datasets({**cfg.to_dict(), "csv_path": transfer_csv},
+                                           image_size=cfg.image_size or cfg.img_size)
+    return {"pretrain": task1, "tasks": tasks}
+
+
+@torch.no_grad()
+def counterfactual_flip(model: nn.Module, ds) -> float | None:
+    """Share of ``ds``'s images whose prediction changes when recolored (colored digits only)."""
+    base = ds.base if isinstance(ds, Subset) else ds
+    if not isinstance(base, ColoredDigits):
+        return None
+    images, _ = stack_images(ds)
+    cf = other_colors(torch.as_tensor(ds.attributes), base.num_colors, generator=torch.Generator().manual_seed(1))
+    twins = torch.stack([recolor(x, c, base.mean, base.std) for x, c in zip(images, cf)])
+    return float((predict(model, images) != predict(model, twins)).float().mean())
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Copies of one adapter's tensors, keyed by layer."""
+    out = {}
+    for layer_name, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            out[f"{layer_name}.lora_A"] = layer.lora_A[name].detach().clone()
+            out[f"{layer_name}.lora_B"] = layer.lora_B[name].detach().clone()
+    return out
+
+
+def fresh_model(cfg: TrainConfig, num_classes: int, backbone_weights: Path | None) -> nn.Module:
+    model = create_backbone(cfg, num_classes)
+    if backbone_weights is not None:
+        load_backbone_weights(model, backbone_weights)
+        model.reset_classifier(num_classes)
+    return model
+
+
+def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: int | None = None,
+           upstream_epochs: int | None = None, upstream_max_steps: int | None = None,
+           counterfactual: str | None = None, transfer_csv: str | None = None, seeds=(0,),
+           out_dir=None) -> dict:
+    """Run both phases for every seed; returns ``{"rows", "summary", "out_dir"}`` and writes
+    ``results.{csv,json,md}`` and ``bias.png`` under ``out_dir``."""
+    from ..trainer import train
+
+    out_dir = Path(out_dir or cfg.output_dir)
+    fn = load_function(counterfactual) if counterfactual else None
+    rows = []
+    for seed in seeds:
+        root = out_dir / f"seed{seed}"
+        data = benchmark_data(cfg, seed) if cfg.data == "colored_digits" else csv_data(cfg, transfer_csv)
+        tasks = data["tasks"]
+        first = next(iter(tasks.values()))
+
+        # phase 0: the backbone (given, or a short pre-training saved and reused on re-runs)
+        if cfg.checkpoint or cfg.pretrained:
+            weights = Path(cfg.checkpoint) if cfg.checkpoint else None
+            if cfg.pretrained:
+                raise ValueError("debias reloads the backbone between runs: download the pretrained "
+                                 "weights once and pass them as --checkpoint FILE")
+        else:
+            pre_dir = root / "backbone"
+            weights = pre_dir / "model" / "model.safetensors"
+            if not weights.is_file():
+                pcfg = run_cfg(cfg, pre_dir, finetune="full", seed=seed, epochs=backbone_epochs,
+                               max_steps=backbone_max_steps, lam=0.0)
+                pre = data["pretrain"]
+                train(pcfg, datasets=pre, backbone=create_backbone(pcfg, pre["train"].num_classes))
+
+        # phase 1 (upstream): the debiasing adapter on counterfactually augmented data
+        up_dir = root / "upstream"
+        up_train = first["train"]
+        ukw = dict(finetune="lora", seed=seed, epochs=upstream_epochs or cfg.epochs,
+                   max_steps=upstream_max_steps or cfg.max_steps)
+        if fn is not None or cfg.data == "colored_digits":
+            up_train = Counterfactual(up_train, fn, seed=seed)
+        else:  # no counterfactual for this data: balance the groups and penalize their spread
+            ukw.update(balanced_sampling=True, lam=cfg.lam or 1.0)
+        ucfg = run_cfg(cfg, up_dir, **ukw)
+        up = train(ucfg, datasets={**first, "train": up_train},
+                   backbone=fresh_model(ucfg, up_train.num_classes, weights))
+        upstream_adapter = up_dir / "adapter"
+
+        # phase 2 (downstream): each task with and without the frozen upstream adapter
+        for task, ds in tasks.items():
+            for arm in ARMS:
+                run_dir = root / f"{task}_{arm}"
+                tcfg = run_cfg(cfg, run_dir, finetune="lora", seed=seed)
+                model = fresh_model(tcfg, ds["train"].num_classes, weights)
+                before = {}
+                if arm == "debias":
+                    load_adapter(model, upstream_adapter, name="debias", trainable=False,
+                                 load_modules_to_save=False, backend=cfg.backend)
+                    before = adapter_state(model, "debias")
+                res = train(tcfg, datasets=ds, backbone=model)
+                after = adapter_state(model, "debias")
+                unchanged = all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+                if not unchanged:
+                    raise RuntimeError(f"{run_dir}: the frozen upstream adapter changed during the task run")
+                rows.append({"seed": seed, "task": task, "arm": arm, "upstream_task": "digits10+counterfactual"
+                             if cfg.data == "colored_digits" else "csv",
+                             **{k: res["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
+                             "counterfactual_flip": counterfactual_flip(model, ds["test"]),
+                             "upstream_unchanged": bool(before) and unchanged if arm == "debias" else None})
+        rows.append({"seed": seed, "task": next(iter(tasks)), "arm": "upstream only",
+                     "upstream_task": rows[-1]["upstream_task"],
+                     **{k: up["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
+                     "counterfactual_flip": None, "upstream_unchanged": None})
+    summary = summarize(rows)
+    write_results(out_dir, rows, summary, {"seeds": list(seeds), "data": cfg.data})
+    return {"rows": rows, "summary": summary, "out_dir": str(out_dir)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    keys = list(dict.fromkeys((r["task"], r["arm"]) for r in rows))
+    out = []
+    for task, arm in keys:
+        sel = [r for r in rows if (r["task"], r["arm"]) == (task, arm)]
+        s = {"task": task, "arm": arm, "n_seeds": len(sel)}
+        for k in BIAS_KEYS:
+            s[k], s[k + "_std"] = _mean_std([r[k] for r in sel])
+        out.append(s)
+    return out
+
+
+def _fmt(m, s):
+    return "n/a" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+
+def write_results(out_dir: Path, rows, summary, meta) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
+    lines = [f"PEFTDebias: task adapter alone (baseline) vs beside the frozen upstream debiasing adapter "
+             f"(debias); test split, seeds {meta['seeds']} (mean ± std). 'upstream only' is the upstream "
+             "run's own head on the task it was trained on.", "",
+             "| task | arm | " + " | ".join(BIAS_KEYS) + " |", "|---|---|" + "---|" * len(BIAS_KEYS)]
+    for s in summary:
+        lines.append(f"| {s['task']} | {s['arm']} | " + " | ".join(_fmt(s[k], s[k + '_std']) for k in BIAS_KEYS) + " |")
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    plot(out_dir / "bias.png", summary)
+
+
+def plot(path: Path, summary: list[dict]) -> None:
+    """Accuracy vs worst-group accuracy, baseline -> debias arrows per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    markers = {"baseline": "o", "debias": "s", "upstream only": "^"}
+    for task in dict.fromkeys(s["task"] for s in summary):
+        pts = {s["arm"]: s for s in summary if s["task"] == task}
+        for arm, s in pts.items():
+            ax.errorbar(s["accuracy"], s["worst_group_accuracy"], xerr=s["accuracy_std"] or 0,
+                        yerr=s["worst_group_accuracy_std"] or 0, marker=markers.get(arm, "x"), capsize=2,
+                        label=f"{task}: {arm}")
+        if "baseline" in pts and "debias" in pts:
+            b, d = pts["baseline"], pts["debias"]
+            ax.annotate("", (d["accuracy"], d["worst_group_accuracy"]), (b["accuracy"], b["worst_group_accuracy"]),
+                        arrowprops=dict(arrowstyle="->", color="gray"))
+    ax.set_xlabel("test accuracy")
+    ax.set_ylabel("test worst-group accuracy")
+    ax.set_title("PEFTDebias: with vs without the upstream adapter")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastfair debias", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", help="YAML file of train config keys (the task runs' settings)")
+    p.add_argument("--backbone-epochs", type=int, default=8, help="pre-training epochs of the backbone")
+    p.add_argument("--backbone-max-steps", type=int, default=None)
+    p.add_argument("--upstream-epochs", type=int, default=None, help="default: the config's epochs")
+    p.add_argument("--upstream-max-steps", type=int, default=None, help="default: the config's max_steps")
+    p.add_argument("--counterfactual", metavar="MODULE:FUNCTION", default=None,
+                   help="fn(image, label, group) -> twin image, for CSV data")
+    p.add_argument("--transfer-csv", default=None, help="metadata CSV of the second task (CSV data)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    res = debias(cfg, backbone_epochs=args.backbone_epochs, backbone_max_steps=args.backbone_max_steps,
+                 upstream_epochs=args.upstream_epochs, upstream_max_steps=args.upstream_max_steps,
+                 counterfactual=args.counterfactual, transfer_csv=args.transfer_csv, seeds=seeds)
+    print((Path(res["out_dir"]) / "results.md").read_text())
+    print(f"fastfair debias: table and plot in {res['out_dir']}")
+    return 0
