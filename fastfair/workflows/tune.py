@@ -1,0 +1,376 @@
+"""``fastfair tune``: FairTune, choose what to fine-tune by validation fairness (optuna).
+
+Stage one is an optuna study. A trial picks, for each transformer block, what is trained:
+``frozen``, LoRA on the attention (``attn``: qkv, proj), on the MLP (``mlp``: fc1, fc2) or on
+``both``, with a rank per block; with ``--allow-full`` also full fine-tuning of the block's
+attention, MLP, LayerNorms or the whole block, as FairTune's mask did. It also picks the
+learning rate, log-uniform in 1e-5..1e-2 by default (FairTune used 1e-5..1e-3; ``--lr-range``).
+The head is always trained. A trial is one training run scored on the *validation* split, on
+pooled predictions: worst-group accuracy by default, or another metric, or two at once
+(NSGA-II, Pareto front). Single-objective studies report the validation metric every epoch
+and prune with optuna's median rule. The study lives in ``<out>/study.db`` (SQLite): run the
+same command again and it resumes, counting finished (complete or pruned) trials against
+``--n-trials``; a trial left running by a killed process is marked failed and not counted.
+
+Stage two retrains the best configuration from scratch (``--final-epochs``) and reports on the
+test split. Output: ``best_config.yaml`` (for ``fastfair train --config``), ``trials.csv``,
+``pareto.png`` (two objectives), ``trials/trial_NNNN/`` and the stage-two run ``best/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+from pathlib import Path
+
+from ..config import TrainConfig, add_config_arguments, config_from_args
+from .sweep import higher_is_better, pareto_plot, run_point, scalar_metrics
+
+LORA_CHOICES = ("frozen", "attn", "mlp", "both")
+FULL_CHOICES = ("full_attn", "full_mlp", "full_norm", "full_block")
+# Linear layers that LoRA wraps, and modules trained fully, per choice (names inside a block).
+LORA_PARTS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2"),
+              "both": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+FULL_PARTS = {"full_attn": ("attn",), "full_mlp": ("mlp",), "full_norm": ("norm1", "norm2"),
+              "full_block": ("",)}
+OBJECTIVES = ("worst_group_accuracy", "worst_group_auc", "accuracy_gap", "auc_gap",
+              "max_group_loss", "accuracy", "auc")
+STUDY_NAME = "fastfair-tune"
+
+
+def vit_depth(cfg: TrainConfig, num_classes: int) -> int:
+    """Number of transformer blocks of the config's model, built on the meta device (no memory,
+    no download), after checking that every block has the modules a trial can choose."""
+    import torch
+
+    from ..models import create_backbone
+
+    probe = dataclasses.replace(cfg, pretrained=False, checkpoint=None)
+    with torch.device("meta"):
+        model = create_backbone(probe, num_classes=num_classes)
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"fastfair tune needs a timm ViT with 'blocks'; {cfg.model} has none")
+    names = {n for n, _ in model.named_modules()}
+    for i in range(len(blocks)):
+        for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "attn", "mlp", "norm1", "norm2"):
+            if f"blocks.{i}.{part}" not in names:
+                raise ValueError(f"{cfg.model}: block {i} has no module '{part}'; fastfair tune "
+                                 "searches over timm ViT blocks (attn.qkv/proj, mlp.fc1/fc2, norm1/2)")
+    return len(blocks)
+
+
+def block_choices(allow_full: bool) -> tuple[str, ...]:
+    return LORA_CHOICES + (FULL_CHOICES if allow_full else ())
+
+
+def suggest_params(trial, depth: int, ranks=(2, 4, 8, 16), allow_full: bool = False,
+                   lr_range=(1e-5, 1e-2)) -> dict:
+    """Sample one configuration: ``block{i}``, ``rank{i}`` (LoRA blocks only) and ``lr``."""
+    params = {}
+    for i in range(depth):
+        mode = trial.suggest_categorical(f"block{i}", block_choices(allow_full))
+        params[f"block{i}"] = mode
+        if mode in LORA_PARTS:
+            params[f"rank{i}"] = trial.suggest_categorical(f"rank{i}", list(ranks))
+    params["lr"] = trial.suggest_float("lr", lr_range[0], lr_range[1], log=True)
+    return params
+
+
+def trial_config(base: TrainConfig, params: dict, depth: int, output_dir) -> TrainConfig:
+    """The train config of a trial: LoRA targets and ranks as full module names, fully trained
+    modules added to ``trainable`` (the head stays there), and the learning rate.
+
+    Without any LoRA block the run is ``finetune='linear'``, which trains exactly ``trainable``.
+    """
+    targets, rank_pattern, trainable = [], {}, list(base.trainable)
+    if not trainable:
+        raise ValueError("the base config's trainable list is empty: the head must be trained")
+    for i in range(depth):
+        mode = params.get(f"block{i}")
+        if mode in LORA_PARTS:
+            rank = params.get(f"rank{i}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"block {i} uses LoRA but rank{i} is {rank!r}")
+            for part in LORA_PARTS[mode]:
+                targets.append(f"blocks.{i}.{part}")
+                rank_pattern[f"blocks.{i}.{part}"] = rank
+        elif mode in FULL_PARTS:
+            trainable += [f"blocks.{i}" + (f".{p}" if p else "") for p in FULL_PARTS[mode]]
+        elif mode != "frozen":
+            raise ValueError(f"block{i} must be one of {LORA_CHOICES + FULL_CHOICES}, got {mode!r}")
+    extra = sorted(set(params) - {f"block{i}" for i in range(depth)} - {f"rank{i}" for i in range(depth)} - {"lr"})
+    if extra:
+        raise ValueError(f"unknown trial parameter(s) {extra} for a model of depth {depth}")
+    if "lr" not in params:
+        raise ValueError("trial parameters lack 'lr'")
+    values = {**base.to_dict(), "targets": targets, "rank_pattern": rank_pattern, "exclude": [],
+              "trainable": trainable, "lr": float(params["lr"]), "output_dir": str(output_dir),
+              "finetune": "lora" if targets else "linear"}
+    if rank_pattern:
+        values["rank"] = max(rank_pattern.values())
+    return TrainConfig(**values).validate()
+
+
+def objective_value(val_metrics: dict, name: str) -> float:
+    """The objective read from a metrics dict (``nan`` where undefined: optuna fails the trial)."""
+    v = scalar_metrics(val_metrics).get(name)
+    return float("nan") if v is None else float(v)
+
+
+def directions(objectives) -> list[str]:
+    return ["maximize" if higher_is_better(o) else "minimize" for o in objectives]
+
+
+def _broadcast(obj):
+    """``obj`` of the main process on every process (identity with one process)."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def open_study(out: Path, objectives, sampler_seed: int, population_size: int, pruner, search: dict):
+    """Create or load the study in ``out/study.db`` and fail trials a killed run left RUNNING."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name=STUDY_NAME,
+                                directions=directions(objectives), load_if_exists=True, pruner=pruner)
+    settings = {"objectives": list(objectives), **search}
+    if study.user_attrs.get("settings") is None:
+        study.set_user_attr("settings", settings)
+    elif study.user_attrs["settings"] != settings:
+        raise ValueError(f"{out / 'study.db'} holds a study with settings {study.user_attrs['settings']}, "
+                         f"not {settings}: tune into a new directory")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+    # Reseeded by progress, so a resumed study does not replay the random start of the first run.
+    seed = sampler_seed * 100_003 + len(study.trials)
+    if len(objectives) > 1:
+        study.sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+    else:
+        study.sampler = optuna.samplers.TPESampler(seed=seed)
+    return study
+
+
+def done_trials(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def run_trials(base: TrainConfig, out: Path, n_trials: int, objectives, depth: int, datasets,
+               ranks, allow_full: bool, lr_range, pruner, population_size: int):
+    """Stage one: run trials until ``n_trials`` are complete or pruned. Only the main process
+    opens the study; the others receive each trial's parameters and pruning decisions."""
+    from accelerate import PartialState
+    from optuna.trial import TrialState
+
+    from ..trainer import train
+
+    main = PartialState().is_main_process
+    multi = len(objectives) > 1
+    search = {"ranks": list(ranks), "allow_full": bool(allow_full), "lr_range": [float(v) for v in lr_range],
+              "depth": depth}
+    study = open_study(out, objectives, base.seed, population_size, pruner, search) if main else None
+    remaining = _broadcast(max(n_trials - len(done_trials(study)), 0) if main else None)
+    for _ in range(remaining):
+        trial = study.ask() if main else None
+        number, params = _broadcast((trial.number, suggest_params(trial, depth, ranks, allow_full, lr_range))
+                                    if main else None)
+        cfg = trial_config(base, params, depth, out / "trials" / f"trial_{number:04d}")
+        pruned = False
+
+        def on_epoch_end(epoch, val):
+            nonlocal pruned
+            if multi:  # optuna prunes single-objective studies only
+                return False
+            stop = None
+            if main:
+                v = objective_value(val, objectives[0])
+                if math.isfinite(v):
+                    trial.report(v, epoch)
+                stop = trial.should_prune()
+            pruned = bool(_broadcast(stop))
+            return pruned
+
+        if main:
+            print(f"fastfair tune: trial {number} {params}", flush=True)
+        try:
+            res = train(cfg, datasets=datasets, on_epoch_end=on_epoch_end)
+        except BaseException:
+            if main:  # not counted as done: a resumed study runs another trial in its place
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+        if not main:
+            continue
+        trial.set_user_attr("output_dir", res["output_dir"])
+        for k, v in scalar_metrics(res["val"]).items():
+            trial.set_user_attr(f"val/{k}", v)
+        if pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            values = [objective_value(res["val"], o) for o in objectives]
+            study.tell(trial, values if multi else values[0])
+    return study
+
+
+def best_trial(study, objectives):
+    """The best complete trial; with two objectives, the Pareto trial best on the second
+    (fairness) objective, ties broken by the first."""
+    if len(objectives) == 1:
+        return study.best_trial
+    front = study.best_trials
+    if not front:
+        raise ValueError("no complete trial: nothing to retrain")
+    signs = [1 if d == "maximize" else -1 for d in directions(objectives)]
+    return max(front, key=lambda t: (signs[1] * t.values[1], signs[0] * t.values[0]))
+
+
+def write_trials(study, objectives, path: Path) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name}
+        for i, o in enumerate(objectives):
+            row[o] = t.values[i] if t.values else None
+        row["duration_s"] = round(t.duration.total_seconds(), 2) if t.duration else None
+        row.update({f"param/{k}": v for k, v in t.params.items()})
+        row.update({k: v for k, v in t.user_attrs.items()})
+        rows.append(row)
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_accuracy",),
+         ranks=(2, 4, 8, 16), allow_full: bool = False, lr_range=(1e-5, 1e-2), pruner="median",
+         population_size: int = 10, final_epochs: int | None = None, retrain: bool = True,
+         compare_baseline: bool = False, datasets=None) -> dict:
+    """Run (or resume) the study, then retrain the best configuration and report on test.
+
+    Returns ``{"best_params", "best_values", "best_config", "final", "baseline"}`` (``final``
+    and ``baseline``: ``run_point`` results with val/test scalars; ``None`` when not run).
+    ``pruner``: ``"median"``, ``"none"`` or an optuna pruner.
+    """
+    import optuna
+    from accelerate import PartialState
+
+    from ..trainer import build_datasets_for, side_by_side
+
+    objectives = list(objectives)
+    if not 1 <= len(objectives) <= 2:
+        raise ValueError(f"one or two objectives, got {objectives}")
+    for o in objectives:
+        higher_is_better(o)
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"ranks must be integers >= 1, got {r!r}")
+    lo, hi = (float(v) for v in lr_range)
+    if not 0 < lo < hi:
+        raise ValueError(f"lr range must satisfy 0 < low < high, got {lr_range!r}")
+    if isinstance(pruner, str):
+        if pruner not in ("median", "none"):
+            raise ValueError(f"pruner must be 'median' or 'none', got {pruner!r}")
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+                  if pruner == "median" else optuna.pruners.NopPruner())
+    out = Path(out)
+    main = PartialState().is_main_process
+    base.validate()
+    if datasets is None:
+        datasets = build_datasets_for(base)
+    depth = vit_depth(base, datasets["train"].num_classes)
+    study = run_trials(base, out, n_trials, objectives, depth, datasets, ranks, allow_full, (lo, hi),
+                       pruner, population_size)
+    result = {"best_params": None, "best_values": None, "best_config": None, "final": None, "baseline": None}
+    if main:
+        write_trials(study, objectives, out / "trials.csv")
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(objectives) == 2 and complete:
+            pareto_plot([tuple(t.values) for t in complete], [f"#{t.number}" for t in complete],
+                        out / "pareto.png", objectives[0], objectives[1],
+                        "FairTune trials on the validation split")
+        if not complete:
+            raise ValueError(f"no trial of {out / 'study.db'} completed (all pruned or failed)")
+        best = best_trial(study, objectives)
+        result["best_params"], result["best_values"] = dict(best.params), list(best.values)
+    result["best_params"] = _broadcast(result["best_params"])
+    final_cfg = trial_config(base, result["best_params"], depth, out / "best")
+    if final_epochs is not None:
+        final_cfg = dataclasses.replace(final_cfg, epochs=final_epochs).validate()
+    if main:
+        final_cfg.save(out / "best_config.yaml")
+        print(f"fastfair tune: best trial {result['best_params']} values {result['best_values']}; "
+              f"config in {out / 'best_config.yaml'}", flush=True)
+    result["best_config"] = final_cfg
+    if retrain:
+        result["final"] = run_point(final_cfg, datasets=datasets, stale="replace")
+        if compare_baseline:
+            base_cfg = dataclasses.replace(base, output_dir=str(out / "baseline"),
+                                           epochs=final_cfg.epochs).validate()
+            result["baseline"] = run_point(base_cfg, datasets=datasets, stale="replace")
+        if main:
+            runs = {"tuned (best/)": result["final"]}
+            if result["baseline"]:
+                runs["base config (baseline/)"] = result["baseline"]
+            print(f"\nfastfair tune: stage two, test split\n\n{side_by_side(runs)}", flush=True)
+    return result
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from e
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastfair tune", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML train config the trials start from; flags override it")
+    p.add_argument("--n-trials", type=int, default=20, help="finished trials wanted (resumes count)")
+    p.add_argument("--objective", type=_list(str), default=["worst_group_accuracy"],
+                   help=f"validation objective, of {OBJECTIVES} (or any directed metric); two "
+                        "comma-separated names run NSGA-II, e.g. accuracy,worst_group_accuracy")
+    p.add_argument("--ranks", type=_list(int), default=[2, 4, 8, 16], help="LoRA ranks a block may take")
+    p.add_argument("--allow-full", action="store_true",
+                   help="blocks may also fully fine-tune their attention, MLP, norms or everything")
+    p.add_argument("--lr-range", type=_list(float), default=[1e-5, 1e-2],
+                   help="log-uniform learning-rate range (FairTune: 1e-5,1e-3)")
+    p.add_argument("--pruner", default="median", choices=("median", "none"))
+    p.add_argument("--population-size", type=int, default=10, help="NSGA-II population (two objectives)")
+    p.add_argument("--final-epochs", type=int, help="epochs of the stage-two retraining (default: config's)")
+    p.add_argument("--no-retrain", action="store_true", help="stop after stage one and best_config.yaml")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="also train the base config in stage two and print both test reports")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if len(args.lr_range) != 2:
+        raise SystemExit(f"--lr-range takes two numbers, got {args.lr_range}")
+    out = Path(cfg.output_dir if cfg.output_dir != TrainConfig.output_dir else "runs/tune")
+    tune(cfg, out, n_trials=args.n_trials, objectives=args.objective, ranks=args.ranks,
+         allow_full=args.allow_full, lr_range=args.lr_range, pruner=args.pruner,
+         population_size=args.population_size, final_epochs=args.final_epochs,
+         retrain=not args.no_retrain, compare_baseline=args.compare_baseline)
+    return 0
