@@ -45,13 +45,15 @@ HIGHER_IS_BETTER = {
 _PROB_EPS = float(np.finfo(np.float32).eps)
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def _check_sizes(num_groups: int, num_classes: int, n_bins: int = 15) -> None:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
-        raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    _check_int("num_groups", num_groups, 1)
+    _check_int("num_classes", num_classes, 2)
+    _check_int("n_bins", n_bins, 1)
 
 
 def _where(batch: int | None, row: int) -> str:
@@ -71,11 +73,11 @@ def _check_index(name: str, values: torch.Tensor, size: int, batch: int | None) 
 
 def _check_finite(name: str, x: torch.Tensor, batch: int | None) -> None:
     bad = ~torch.isfinite(x)
-    if bad.dim() > 1:
-        bad = bad.flatten(1).any(1)
     if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"non-finite {name} at {_where(batch, row)}: {x[row].tolist()}")
+        first = bad.nonzero()[0].tolist()
+        col = f", column {first[1]}" if len(first) > 1 else ""
+        raise ValueError(
+            f"non-finite {name} at {_where(batch, first[0])}{col}: {x[tuple(first)].item()}")
 
 
 def to_probs_and_losses(
@@ -125,7 +127,7 @@ def to_probs_and_losses(
             row = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"probabilities must lie in [0, 1] and sum to 1 (inputs='probs'), at "
-                f"{_where(batch, row)}: {scores[row].tolist()}; pass inputs='logits' for logits"
+                f"{_where(batch, row)}: {x[row, :8].tolist()}; pass inputs='logits' for logits"
             )
         logp = probs.clamp_min(_PROB_EPS).log()
     losses = -logp.gather(1, labels.long().unsqueeze(1)).squeeze(1)
@@ -133,7 +135,7 @@ def to_probs_and_losses(
 
 
 def _auc_per_class(probs: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """One-vs-rest AUC of each class in ``classes`` (NaN where a class lacks positives or negatives).
+    """One-vs-rest AUC of each class in ``classes``; NaN where it lacks positives or negatives.
 
     Mann-Whitney form with average ranks for ties, which equals the trapezoidal ROC area that
     scikit-learn's roc_auc_score computes, at a cost the bootstrap can afford.
@@ -176,7 +178,8 @@ def _raw(probs, labels, groups, losses, G: int, C: int, n_bins: int, overall_auc
     pred = probs.argmax(1)
     conf = np.bincount((groups * C + labels) * C + pred, minlength=G * C * C).reshape(G, C, C)
     top = probs[np.arange(labels.shape[0]), pred].astype(np.float64)
-    # Top-label ECE with equal-width bins: sum_b (n_b/n)|acc_b - conf_b| = sum_b |Σcorrect - Σconf|/n.
+    # Top-label ECE, equal-width bins: Σ_b (n_b/n)|acc_b - conf_b| = Σ_b |Σcorrect - Σconf| / n,
+    # so one weighted bincount per group and bin does it.
     key = groups * n_bins + np.clip((top * n_bins).astype(np.int64), 0, n_bins - 1)
     gap = np.bincount(key, weights=(pred == labels) - top, minlength=G * n_bins)
     ece = np.abs(gap.reshape(G, n_bins)).sum(1) * inv_n
@@ -245,7 +248,8 @@ def _summary(raw: dict, C: int) -> dict:
 def _as_numpy(probs, labels, groups, losses, G: int, C: int):
     probs_t = torch.as_tensor(probs)
     if probs_t.dim() != 2 or probs_t.shape[1] != C:
-        raise ValueError(f"probs must have shape [N, {C}] (num_classes), got {tuple(probs_t.shape)}")
+        raise ValueError(
+            f"probs must have shape [N, {C}] (num_classes), got {tuple(probs_t.shape)}")
     n = probs_t.shape[0]
     if n == 0:
         raise ValueError("no samples: probs is empty")
@@ -335,7 +339,9 @@ def compute_metrics(
                      if present[gi]]
         if undefined:
             what = ", ".join(f"group {gi}" + (f" class {c}" if C > 2 else "")
-                             for gi, c in undefined)
+                             for gi, c in undefined[:10])
+            if len(undefined) > 10:
+                what += f" and {len(undefined) - 10} more"
             notes.append(f"{name} undefined (no {'positives' if name == 'TPR' else 'negatives'}) "
                          f"for {what}: left out of the equal opportunity / equalized odds gaps")
 
@@ -375,8 +381,7 @@ def bootstrap(
     ``intervals["group_accuracy"]`` one such pair per group.
     """
     _check_sizes(num_groups, num_classes, n_bins)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise ValueError(f"n_boot must be an integer >= 2, got {n_boot!r}")
+    _check_int("n_boot", n_boot, 2)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     G, C = int(num_groups), int(num_classes)
@@ -437,7 +442,7 @@ def intersect_groups(*attributes, sizes: Sequence[int] | None = None):
 
 
 def intersect_group_names(*names: Sequence[str], sep: str = "/") -> list[str]:
-    """Names of :func:`intersect_groups` ids, in id order: ``["f/young", "f/old", "m/young", ...]``."""
+    """Names of :func:`intersect_groups` ids in id order: ``["f/young", "f/old", "m/young"]``."""
     out = [""]
     for i, level in enumerate(names):
         out = [f"{a}{sep}{b}" if i else str(b) for a in out for b in level]
@@ -454,7 +459,8 @@ class GroupMetrics:
     batch of a prepared dataloader; every process then holds the whole split.
     """
 
-    def __init__(self, num_groups: int, num_classes: int, inputs: str = "logits", n_bins: int = 15):
+    def __init__(self, num_groups: int, num_classes: int, inputs: str = "logits",
+                 n_bins: int = 15):
         _check_sizes(num_groups, num_classes, n_bins)
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
@@ -472,7 +478,7 @@ class GroupMetrics:
 
     @torch.no_grad()
     def update(self, scores, labels, groups, accelerator=None) -> None:
-        """Add one batch: ``scores`` ``[N, C]`` (or ``[N]`` for binary), ``labels``, ``groups`` ``[N]``.
+        """Add a batch: ``scores`` ``[N, C]`` (``[N]`` allowed if binary), ``labels``, ``groups``.
 
         Errors name the batch (the count of earlier ``update`` calls) and the row.
         """

@@ -220,8 +220,8 @@ def pareto_front(points, higher=(True, True)) -> list[int]:
     front = []
     for i in ok:
         a = sign * np.array(points[i])
-        if not any(np.all(sign * np.array(points[j]) >= a) and np.any(sign * np.array(points[j]) > a)
-                   for j in ok):
+        others = (sign * np.array(points[j]) for j in ok)
+        if not any(np.all(b >= a) and np.any(b > a) for b in others):
             front.append(i)
     return front
 
@@ -263,9 +263,10 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
                  split: str = "test", labels=None) -> list[dict]:
     """Scatter ``x`` against ``y`` for several runs (a rank or λ sweep) with the Pareto front.
 
-    ``run_dirs``: run directories, or report dicts from :func:`write_report`. Writes ``compare.json``, ``compare.md`` and ``pareto.png`` into ``out_dir``; returns one
-    row per run: ``run``, ``x``, ``y``, their intervals (when the run's report has them) and
-    ``pareto`` (on the front, by each metric's better direction).
+    ``run_dirs``: run directories, or report dicts from :func:`write_report`. Writes
+    ``compare.json``, ``compare.md`` and ``pareto.png`` into ``out_dir``. Returns one row per
+    run: ``run``, the ``x`` and ``y`` values, their intervals (``<key>_ci``, when the run's
+    report has them) and ``pareto`` (on the front, by each metric's better direction).
     """
     hx, hy = _direction(x), _direction(y)
     run_dirs = list(run_dirs)

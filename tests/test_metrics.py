@@ -114,7 +114,8 @@ def test_multiclass_is_one_vs_rest_max_over_classes(n, G, C, seed, ties):
         _close(m["group_ece"][k], _ece_reference(probs[gi], y[gi]))
 
 
-@given(seed=st.integers(0, 2**31), C=st.integers(2, 4), cuts=st.lists(st.integers(1, 60), max_size=5))
+@given(seed=st.integers(0, 2**31), C=st.integers(2, 4),
+       cuts=st.lists(st.integers(1, 60), max_size=5))
 def test_streaming_equals_one_shot(seed, C, cuts):
     gen = torch.Generator().manual_seed(seed)
     n, G = 80, 3
@@ -200,7 +201,7 @@ def test_nan_score_names_batch_and_row():
     m.update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     bad = torch.randn(5, 3)
     bad[3, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"batch 1, row 3"):
+    with pytest.raises(ValueError, match=r"non-finite score at batch 1, row 3, column 1: nan"):
         m.update(bad, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"row 2"):
         compute_metrics(np.array([[0.5, 0.5]] * 2 + [[np.inf, 0.0]]), [0, 1, 0], [0, 0, 0], 1, 2)
