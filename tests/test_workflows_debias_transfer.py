@@ -9,11 +9,9 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastfair.adapters import load_adapter
 from fastfair.config import TrainConfig
 from fastfair.data import ColoredDigits, add_trigger, digit_mask
 from fastfair.inject import lora_layers
-from fastfair.trainer import train
 from fastfair.workflows import bias_transfer as bt
 from fastfair.workflows import debias as db
 
@@ -169,13 +167,15 @@ def test_counterfactual_needs_an_axis_or_a_function():
 
 # -- end to end ------------------------------------------------------------------------------
 def test_bias_transfer_end_to_end(tmp_path):
-    res = bt.bias_transfer(tiny(tmp_path, output_dir=str(tmp_path / "bt")), modes="lora:2,scratch",
+    res = bt.bias_transfer(tiny(tmp_path, output_dir=str(tmp_path / "bt")), modes="lora:2",
                            debias_target=0.5, source_max_steps=2, seeds=(0,))
     rows = res["rows"]
-    # 2 sources on their own task + 2 target variants x (lora from each source + scratch)
-    assert len(rows) == 2 + 2 * 3
-    assert {(r["source"], r["mode"]) for r in rows if r["target"] == "debiased"} == {
-        ("triggered", "lora"), ("control", "lora"), ("none", "scratch")}
+    # 2 sources on their own task + 2 target variants x LoRA from each source
+    assert len(rows) == 2 + 2 * 2
+    assert {(r["source"], r["target"], r["mode"]) for r in rows} == {
+        ("triggered", "source task", "source (itself)"), ("control", "source task", "source (itself)"),
+        ("triggered", "plain", "lora"), ("control", "plain", "lora"),
+        ("triggered", "debiased", "lora"), ("control", "debiased", "lora")}
     for r in rows:
         assert r["asr"] is None or 0.0 <= r["asr"] <= 1.0
     out = tmp_path / "bt"
@@ -187,35 +187,75 @@ def test_bias_transfer_end_to_end(tmp_path):
     assert "lora r=2" in (out / "results.md").read_text()
 
 
-def test_debias_end_to_end_leaves_the_upstream_adapter_unchanged(tmp_path):
-    cfg = tiny(tmp_path, output_dir=str(tmp_path / "db"))
-    res = db.debias(cfg, backbone_max_steps=2, seeds=(0,))
+def test_debias_end_to_end_leaves_the_upstream_adapter_unchanged(tmp_path, monkeypatch):
+    import fastfair.trainer
+
+    # Watch every training the workflow starts: a backbone carrying the frozen "debias" adapter
+    # must come back with it bit-identical while the task adapter beside it has trained.
+    real_train, seen = fastfair.trainer.train, []
+
+    def watched(cfg, *args, backbone=None, **kw):
+        before = db.adapter_state(backbone, "debias") if backbone is not None else {}
+        res = real_train(cfg, *args, backbone=backbone, **kw)
+        if before:
+            frozen = [not (m.lora_A["debias"].requires_grad or m.lora_B["debias"].requires_grad)
+                      for m in lora_layers(backbone).values() if "debias" in m.adapters]
+            seen.append((before, db.adapter_state(backbone, "debias"), frozen,
+                         db.adapter_state(backbone, "default")))
+        return res
+
+    monkeypatch.setattr(fastfair.trainer, "train", watched)
+    cfg = tiny(tmp_path, output_dir=str(tmp_path / "db"), lr=1e-2)
+    res = db.debias(cfg, backbone_max_steps=2, seeds=(0,), control=True)
+
+    assert len(seen) == 4  # 2 tasks x (debias, plain upstream)
+    for before, after, frozen, task in seen:
+        assert before and before.keys() == after.keys() and all(frozen)
+        for k in before:
+            assert torch.equal(before[k], after[k]), k
+        # the task adapter was injected beside it by the trainer; its B starts at zero
+        assert task and any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in task.items()), \
+            "the task adapter did not train"
+    # and the frozen adapter still holds what the upstream run saved
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "db" / "seed0" / "upstream" / "adapter" / "adapter_model.safetensors"))
+    k = next(k for k in saved if k.endswith("lora_B.weight"))
+    layer = k[len("base_model.model."):-len(".lora_B.weight")]
+    assert saved[k].abs().sum() > 0 and torch.equal(seen[0][1][f"{layer}.lora_B"], saved[k])
+
     arms = {(r["task"], r["arm"]): r for r in res["rows"]}
-    assert set(arms) == {("digits10", "baseline"), ("digits10", "debias"), ("digit_lt5", "baseline"),
-                         ("digit_lt5", "debias"), ("digits10", "upstream only")}
-    assert arms[("digits10", "debias")]["upstream_unchanged"] is True
-    assert arms[("digit_lt5", "debias")]["upstream_unchanged"] is True
+    assert set(arms) == {(t, a) for t in ("digits10", "digit_lt5") for a in ("baseline", "debias", "plain upstream")
+                         } | {("digits10", "upstream only")}
+    for t in ("digits10", "digit_lt5"):
+        assert arms[(t, "debias")]["upstream_unchanged"] is True
+        assert arms[(t, "plain upstream")]["upstream_unchanged"] is True
+        assert arms[(t, "baseline")]["upstream_unchanged"] is None
     for r in res["rows"]:
         if r["counterfactual_flip"] is not None:
             assert 0.0 <= r["counterfactual_flip"] <= 1.0
-    out = tmp_path / "db"
     for f in ("results.csv", "results.json", "results.md", "bias.png"):
-        assert (out / f).is_file(), f
+        assert (tmp_path / "db" / f).is_file(), f
 
-    # The downstream step by hand: the frozen adapter keeps the saved tensors bit for bit while
-    # the task adapter beside it trains.
-    weights = out / "seed0" / "backbone" / "model" / "model.safetensors"
-    tcfg = tiny(tmp_path, output_dir=str(tmp_path / "again"), max_steps=3, lr=1e-2)
-    model = db.fresh_model(tcfg, 2, weights)
-    load_adapter(model, out / "seed0" / "upstream" / "adapter", name="debias", trainable=False,
-                 load_modules_to_save=False)
-    before = db.adapter_state(model, "debias")
-    assert before and all(not any(p.requires_grad for p in (m.lora_A["debias"], m.lora_B["debias"]))
-                          for m in lora_layers(model).values())
-    train(tcfg, datasets=db.benchmark_data(tcfg, 0)["tasks"]["digit_lt5"], backbone=model)
-    after = db.adapter_state(model, "debias")
-    assert before.keys() == after.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), k
-    task = db.adapter_state(model, "default")
-    assert any(k.endswith("lora_B") and task[k].abs().sum() > 0 for k in task), "the task adapter did not train"
+
+def test_debias_on_csv_without_a_counterfactual_balances_groups_with_the_fairness_loss(tmp_path):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["path,label,group,split"]
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{i % 2},{(i // 2) % 2},{'train' if i < 24 else ('val' if i < 32 else 'test')}")
+    (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
+    cfg = tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv"), image_root=str(tmp_path),
+               batch_size=8, output_dir=str(tmp_path / "db"))
+    res = db.debias(cfg, backbone_max_steps=1, transfer_csv=str(tmp_path / "meta.csv"), seeds=(0,))
+    assert {(r["task"], r["arm"]) for r in res["rows"]} == {
+        ("task", "baseline"), ("task", "debias"), ("transfer", "baseline"), ("transfer", "debias"),
+        ("task", "upstream only")}
+    up = yaml.safe_load((tmp_path / "db" / "seed0" / "upstream" / "config.yaml").read_text())
+    assert up["balanced_sampling"] is True and up["lam"] == 1.0
+    assert all(r["counterfactual_flip"] is None for r in res["rows"])

@@ -181,7 +181,9 @@ def load_trained(cfg: TrainConfig, run_dir: Path, num_classes: int, init_weights
 
 
 def transfer_model(cfg: TrainConfig, num_classes: int, source_weights: Path | None) -> nn.Module:
-    """A fresh model with the source's weights (if any) and a new head for the target."""
+    """A fresh model with the source's weights (if any) and a new head for the target, initialized
+    from ``cfg.seed`` whatever ran before."""
+    torch.manual_seed(cfg.seed)
     model = create_backbone(cfg, num_classes)
     if source_weights is not None:
         load_backbone_weights(model, source_weights)

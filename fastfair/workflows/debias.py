@@ -148,6 +148,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def fresh_model(cfg: TrainConfig, num_classes: int, backbone_weights: Path | None) -> nn.Module:
+    """The backbone with a new head, initialized from ``cfg.seed`` whatever ran before."""
+    torch.manual_seed(cfg.seed)
     model = create_backbone(cfg, num_classes)
     if backbone_weights is not None:
         load_backbone_weights(model, backbone_weights)
@@ -158,8 +160,9 @@ def fresh_model(cfg: TrainConfig, num_classes: int, backbone_weights: Path | Non
 def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: int | None = None,
            upstream_epochs: int | None = None, upstream_max_steps: int | None = None,
            counterfactual: str | None = None, transfer_csv: str | None = None, seeds=(0,),
-           out_dir=None) -> dict:
-    """Run both phases for every seed; returns ``{"rows", "summary", "out_dir"}`` and writes
+           control: bool = False, out_dir=None) -> dict:
+    """Run both phases for every seed (``control``: also a frozen adapter trained without the
+    counterfactual twins, same steps, as a third arm); returns ``{"rows", "summary", "out_dir"}`` and writes
     ``results.{csv,json,md}`` and ``bias.png`` under ``out_dir``."""
     from ..trainer import train
 
@@ -199,17 +202,26 @@ def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: in
         ucfg = run_cfg(cfg, up_dir, **ukw)
         up = train(ucfg, datasets={**first, "train": up_train},
                    backbone=fresh_model(ucfg, up_train.num_classes, weights))
-        upstream_adapter = up_dir / "adapter"
+        adapters = {"debias": up_dir / "adapter"}
+        arms = list(ARMS)
+        if control and isinstance(up_train, Counterfactual):
+            # the same adapter trained on the same images without their twins, for as many steps:
+            # separates "counterfactual data" from "one more frozen adapter trained on the task"
+            ccfg = run_cfg(cfg, root / "upstream_plain", finetune="lora", seed=seed,
+                           epochs=2 * ukw["epochs"], max_steps=ukw["max_steps"])
+            train(ccfg, datasets=first, backbone=fresh_model(ccfg, first["train"].num_classes, weights))
+            adapters["plain upstream"] = root / "upstream_plain" / "adapter"
+            arms.append("plain upstream")
 
         # phase 2 (downstream): each task with and without the frozen upstream adapter
         for task, ds in tasks.items():
-            for arm in ARMS:
-                run_dir = root / f"{task}_{arm}"
+            for arm in arms:
+                run_dir = root / f"{task}_{arm.replace(' ', '_')}"
                 tcfg = run_cfg(cfg, run_dir, finetune="lora", seed=seed)
                 model = fresh_model(tcfg, ds["train"].num_classes, weights)
                 before = {}
-                if arm == "debias":
-                    load_adapter(model, upstream_adapter, name="debias", trainable=False,
+                if arm != "baseline":
+                    load_adapter(model, adapters[arm], name="debias", trainable=False,
                                  load_modules_to_save=False, backend=cfg.backend)
                     before = adapter_state(model, "debias")
                 res = train(tcfg, datasets=ds, backbone=model)
@@ -221,7 +233,7 @@ def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: in
                              if cfg.data == "colored_digits" else "csv",
                              **{k: res["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
                              "counterfactual_flip": counterfactual_flip(model, ds["test"]),
-                             "upstream_unchanged": bool(before) and unchanged if arm == "debias" else None})
+                             "upstream_unchanged": bool(before) and unchanged if arm != "baseline" else None})
         rows.append({"seed": seed, "task": next(iter(tasks)), "arm": "upstream only",
                      "upstream_task": rows[-1]["upstream_task"],
                      **{k: up["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
@@ -265,28 +277,36 @@ def write_results(out_dir: Path, rows, summary, meta) -> None:
 
 
 def plot(path: Path, summary: list[dict]) -> None:
-    """Accuracy vs worst-group accuracy, baseline -> debias arrows per task."""
+    """Bars per task and arm: test accuracy, and the axis's bias (counterfactual flip rate on the
+    embedded benchmark, worst-group accuracy otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    markers = {"baseline": "o", "debias": "s", "upstream only": "^"}
-    for task in dict.fromkeys(s["task"] for s in summary):
-        pts = {s["arm"]: s for s in summary if s["task"] == task}
-        for arm, s in pts.items():
-            ax.errorbar(s["accuracy"], s["worst_group_accuracy"], xerr=s["accuracy_std"] or 0,
-                        yerr=s["worst_group_accuracy_std"] or 0, marker=markers.get(arm, "x"), capsize=2,
-                        label=f"{task}: {arm}")
-        if "baseline" in pts and "debias" in pts:
-            b, d = pts["baseline"], pts["debias"]
-            ax.annotate("", (d["accuracy"], d["worst_group_accuracy"]), (b["accuracy"], b["worst_group_accuracy"]),
-                        arrowprops=dict(arrowstyle="->", color="gray"))
-    ax.set_xlabel("test accuracy")
-    ax.set_ylabel("test worst-group accuracy")
-    ax.set_title("PEFTDebias: with vs without the upstream adapter")
-    ax.legend(fontsize=7)
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    arms = list(dict.fromkeys(s["arm"] for s in summary))
+    bias_key = "counterfactual_flip" if any(s["counterfactual_flip"] is not None for s in summary) \
+        else "worst_group_accuracy"
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    width = 0.8 / len(arms)
+    for ax, key in zip(axes, ("accuracy", bias_key)):
+        for j, arm in enumerate(arms):
+            xs, ys, es = [], [], []
+            for i, task in enumerate(tasks):
+                for s in summary:
+                    if (s["task"], s["arm"]) == (task, arm) and s[key] is not None:
+                        xs.append(i + (j - (len(arms) - 1) / 2) * width)
+                        ys.append(s[key])
+                        es.append(s[key + "_std"] or 0.0)
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=arm)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylim(0, 1)
+        ax.set_title({"accuracy": "test accuracy (higher is better)",
+                      "counterfactual_flip": "counterfactual flip rate (lower is better)",
+                      "worst_group_accuracy": "worst-group accuracy (higher is better)"}[key], fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("PEFTDebias: task adapter with and without the frozen upstream adapter", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -303,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counterfactual", metavar="MODULE:FUNCTION", default=None,
                    help="fn(image, label, group) -> twin image, for CSV data")
     p.add_argument("--transfer-csv", default=None, help="metadata CSV of the second task (CSV data)")
+    p.add_argument("--control", action="store_true",
+                   help="third arm: a frozen upstream adapter trained without the counterfactual twins")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     add_config_arguments(p)
     return p
@@ -314,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res = debias(cfg, backbone_epochs=args.backbone_epochs, backbone_max_steps=args.backbone_max_steps,
                  upstream_epochs=args.upstream_epochs, upstream_max_steps=args.upstream_max_steps,
-                 counterfactual=args.counterfactual, transfer_csv=args.transfer_csv, seeds=seeds)
+                 counterfactual=args.counterfactual, transfer_csv=args.transfer_csv, seeds=seeds,
+                 control=args.control)
     print((Path(res["out_dir"]) / "results.md").read_text())
     print(f"fastfair debias: table and plot in {res['out_dir']}")
     return 0
