@@ -68,13 +68,16 @@ def count_train_calls(monkeypatch, fail_on=None):
 
 # --- sweep -------------------------------------------------------------------------------------
 
-def test_sweep_cli_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_sweep_cli_end_to_end_and_resume(tmp_path, small, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["--ranks", "1,4", "--lams", "1", "--penalties", "variance", "--group-keys", "class",
-            "--seeds", "0", "--output-dir", str(out), *TINY_FLAGS]
+            "--seeds", "0", "--data-seed", "3", "--output-dir", str(out), *TINY_FLAGS]
+    seeds = []
+    # --data-seed builds the data once; the small subset keeps the evaluations cheap
+    monkeypatch.setattr(trainer, "build_datasets_for", lambda cfg: seeds.append(cfg.seed) or small)
     calls = count_train_calls(monkeypatch)
     assert sweep_mod.main(argv) == 0
-    assert len(calls) == 2
+    assert len(calls) == 2 and seeds == [3]
     with (out / "sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["rank"], r["lam"], r["penalty"], r["loss_groups"]) for r in rows] == [
@@ -88,6 +91,8 @@ def test_sweep_cli_end_to_end_and_resume(tmp_path, monkeypatch):
         assert float(r["test/accuracy"]) == pytest.approx(res["test"]["accuracy"])
         assert 0.0 <= float(r["val/worst_group_accuracy"]) <= 1.0
     assert (out / "pareto.png").stat().st_size > 0
+    compared = json.loads((out / "compare" / "compare.json").read_text())
+    assert "r1_lam1_variance_class_s0" in json.dumps(compared)
     assert "rank 1" in (out / "summary.md").read_text() and (out / "sweep.md").is_file()
 
     # a finished sweep trains nothing; a point without its result (killed) is trained again

@@ -6,7 +6,8 @@ mid-run restarts from its latest checkpoint, or from scratch without one). Runs 
 ``lam = 0`` are plain LoRA whatever the penalty and group key, so they run once per
 (rank, seed) and serve as the ERM baseline of each rank. The sweep writes ``sweep.csv`` and
 ``sweep.md`` (one row per run: grid values and every scalar metric on val and test),
-``pareto.png`` (accuracy against worst-group accuracy, or ``--x``/``--y``) and ``summary.md``:
+``pareto.png`` (accuracy against worst-group accuracy, or ``--x``/``--y``, coloured by rank),
+``compare/`` (``fastfair.report.compare_runs`` of all runs) and ``summary.md``:
 per penalty/lambda/group key, which rank is best on the chosen bias metric, and whether that
 rank is the same everywhere (FairLoRA's finding is that it is not).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -26,9 +28,11 @@ from pathlib import Path
 from ..config import TrainConfig, add_config_arguments, config_from_args
 from ..losses import PENALTIES
 from ..metrics import HIGHER_IS_BETTER
+from ..report import compare_runs, pareto_front
 
 GROUP_KEYS = ("group", "class", "attribute")
-# Lower is better; not in HIGHER_IS_BETTER because compute_metrics reports the per-group list.
+# Lower is better; not in HIGHER_IS_BETTER because compute_metrics reports the per-group list
+# (fastfair.report reads it the same way).
 DERIVED = {"max_group_loss": False}
 GRID_KEYS = ("rank", "lam", "penalty", "loss_groups", "seed")
 
@@ -48,24 +52,6 @@ def scalar_metrics(m: dict) -> dict:
     losses = [v for v in m.get("group_loss") or [] if v is not None]
     out["max_group_loss"] = max(losses) if losses else None
     return out
-
-
-def pareto_front(points, higher=(True, True)) -> list[int]:
-    """Indices of the points ``(x, y)`` no other point dominates (``None`` never is on it)."""
-    signs = [1.0 if h else -1.0 for h in higher]
-    ok = [i for i, p in enumerate(points) if all(v is not None and math.isfinite(v) for v in p)]
-    front = []
-    for i in ok:
-        a = [s * v for s, v in zip(signs, points[i])]
-        dominated = False
-        for j in ok:
-            b = [s * v for s, v in zip(signs, points[j])]
-            if all(bj >= aj for aj, bj in zip(a, b)) and any(bj > aj for aj, bj in zip(a, b)):
-                dominated = True
-                break
-        if not dominated:
-            front.append(i)
-    return front
 
 
 def pareto_plot(points, labels, path, x: str, y: str, title: str, colors=None) -> list[int]:
@@ -336,12 +322,9 @@ def finish_sweep(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str,
     pareto_plot(points, labels, sweep_dir / "pareto.png", x, y,
                 f"FairLoRA sweep, {split} split: colour = log2 rank",
                 colors=[math.log2(r["rank"]) for r in rows])
-    try:
-        from ..report import compare_runs
-    except ImportError:  # the report module predates compare_runs: pareto.png stands alone
-        compare_runs = None
-    if compare_runs is not None:
-        compare_runs([str(sweep_dir / r["run"]) for r in rows], str(sweep_dir / "compare"), x=x, y=y)
+    # the report module's comparison too: its table carries the runs' bootstrap intervals
+    compare_runs([str(sweep_dir / r["run"]) for r in rows], str(sweep_dir / "compare"), x=x, y=y,
+                 split=split, labels=[r["run"] for r in rows])
     text = summarize(rows, metric, split)
     (sweep_dir / "summary.md").write_text(text)
     return text
@@ -397,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", default="worst_group_accuracy", help="Pareto plot y metric")
     p.add_argument("--metric", help="bias metric the summary ranks by (default: --y)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split of plot and summary")
+    p.add_argument("--data-seed", type=int,
+                   help="build the data once with this seed, so --seeds vary only initialization and "
+                        "order (default: each run's seed also draws its split and colors)")
     p.add_argument("--summarize-only", action="store_true",
                    help="re-read sweep.csv of the sweep dir and rewrite plot and summary, no training")
     add_config_arguments(p)
@@ -411,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize_only:
         print(finish_sweep(load_rows(sweep_dir), sweep_dir, args.x, args.y, args.metric or args.y, args.split))
         return 0
+    datasets = None
+    if args.data_seed is not None:
+        from ..trainer import build_datasets_for
+
+        datasets = build_datasets_for(dataclasses.replace(cfg, seed=args.data_seed))
     sweep(cfg, sweep_dir, args.ranks, args.lams, args.penalties, args.group_keys, args.seeds,
-          x=args.x, y=args.y, metric=args.metric, split=args.split)
+          x=args.x, y=args.y, metric=args.metric, split=args.split, datasets=datasets)
     return 0
