@@ -14,8 +14,9 @@ bad row). Nothing here synchronizes with the host.
 import triton
 import triton.language as tl
 
-INT32_MIN = -(2**31)
-INT32_MAX = 2**31 - 1
+# constexpr: the compiler rejects plain globals in a kernel (the interpreter does not).
+INT32_MIN = tl.constexpr(-(2**31))
+INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
