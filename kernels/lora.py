@@ -63,7 +63,9 @@ def _lora_down_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
         k_ok = rk < K
-        xt = tl.load(x_rows + rk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # int64 along K too: a column-major x has stride_xk = M, and k·M can pass 2³¹.
+        xt = tl.load(x_rows + rk.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0)
         if DROPOUT:
             xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
         at = tl.load(a_cols + rk[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
@@ -109,7 +111,8 @@ def _lora_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < K
-            pt = tl.load(p_rows + rk[None, :] * stride_pk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            pt = tl.load(p_rows + rk.to(tl.int64)[None, :] * stride_pk, mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
             qt = tl.load(q_cols + rk.to(tl.int64)[:, None] * stride_qk, mask=k_ok[:, None] & n_ok[None, :],
                          other=0.0)
             if ROW_SCALE:
@@ -176,7 +179,7 @@ def _lora_dA_kernel(
         m_ok = rm < m_end
         gt = tl.load(g_ptr + rm.to(tl.int64)[None, :] * stride_gm + (start + rr)[:, None] * stride_gr,
                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
         acc = tl.dot(gt, xt, acc, input_precision=INPUT_PRECISION)
