@@ -260,3 +260,62 @@ def test_lora_linear_module_on_triton_matches_torch():
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("design", ["fused", "cublas"])
+def test_rank_256_at_tiny_shapes(monkeypatch, design):
+    # Rank past BLOCK_R: several rank blocks in lora_down/lora_dA and several rank chunks inside
+    # one adapter's masked group in the dX kernel; M, K, N far below one tile.
+    monkeypatch.setattr(lt, "DESIGN", design)
+    run_case(M=3, K=5, N=7, dtype=torch.float32, ranks=[256, 7], scales=[0.5, -2.0], ps=[0.5, 0.25],
+             trainable=[True, True], layout="strided")
+
+
+def test_fp16_large_reduction():
+    # K and N of a ViT layer in fp16: the sums must be accumulated in fp32 to stay within 1e-2.
+    run_case(M=4, K=768, N=40, dtype=torch.float16, ranks=[16], scales=[2.0], ps=[0.1],
+             trainable=[True], bias="trainable")
+
+
+_COMPILE_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"  # real @triton.jit functions, compiled, not interpreted
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastfair.kernels import lora as kl
+
+def build(fn, types, consts, **opts):
+    sig = {n: types.get(n, "i32") for n in fn.arg_names}
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+bf = "*bf16"
+build(kl._lora_down_kernel, dict(x_ptr=bf, a_ptr=bf, out_ptr=bf, seed="i64", coef="fp32", p="fp32"),
+      dict(DROPOUT=True, INPUT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=64), num_warps=4)
+build(kl._lora_dA_kernel, dict(g_ptr=bf, x_ptr=bf, out_ptr="*fp32", seed="i64", p="fp32"),
+      dict(INPUT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=64), num_warps=4)
+gemm = dict(p_ptr=bf, q_ptr="*i8", c_ptr=bf, l_ptr=bf, u_ptr=bf, bias_ptr=bf, col_scale_ptr="*fp32",
+            row_scale_ptr="*fp32", group_offs_ptr="*i32", group_p_ptr="*fp32", seed="i64")
+for fwd in (True, False):  # int8 forward (column scale, bias), int8 dX (row scale, dropout masks)
+    flags = dict(HAS_BASE=True, HAS_LORA=True, MASKED=not fwd, HAS_BIAS=fwd, COL_SCALE=fwd,
+                 ROW_SCALE=not fwd, ACCUMULATE=not fwd, INPUT_PRECISION="tf32", BLOCK_R=64)
+    build(kl._lora_gemm_kernel, gemm, dict(flags, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+          num_warps=4, num_stages=2)  # small tiles: compiling the big ones takes ~10 s
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # The interpreter accepts code the compiler rejects, so compile the real bf16 kernels for
+    # sm_90 in a process where TRITON_INTERPRET is off.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
