@@ -89,6 +89,7 @@ def assert_matches(got, truth, dtype):
 @example((3, 5, 1, 0, 0.0, 0.0, torch.float32))  # one group
 @example((4, 7, 3, 1, 1.0, 0.1, torch.float32))  # every row ignored
 @example((5, 3, 5, 2, 0.0, 0.1, torch.float16))  # empty groups, smoothing, fp16
+@example((6, 7, 3, 11, 0.3, 0.1, torch.float32))  # smoothing and an ignored row together
 def test_matches_float64_reference(backend, batch):
     N, C, G, seed, p_ignore, eps, dtype = batch
     x, y, g, wl, ws = make(N, C, G, seed, p_ignore, dtype)

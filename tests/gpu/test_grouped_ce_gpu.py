@@ -91,3 +91,21 @@ def test_fairness_loss_matches_reference_backend(penalty):
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.group_loss, b.group_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga, gb, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("penalty", ["variance", "std", "range", "worst", "cvar"])
+def test_fairness_loss_step_has_no_host_sync(penalty):
+    x, y, g = data(4096, 1000, 4, torch.bfloat16)
+    loss_fn = FairnessLoss(4, lam=1.0, penalty=penalty).cuda()
+
+    def step():
+        xr = x.clone().requires_grad_()
+        loss_fn(xr, y, g).loss.backward()
+
+    step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
