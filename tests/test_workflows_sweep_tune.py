@@ -135,6 +135,11 @@ def test_summarize_best_rank_per_setting():
     same = [r for r in rows if r["rank"] == 4] + [dict(r, **{"test/accuracy_gap": 0.9})
                                                    for r in rows if r["rank"] == 1]
     assert "Rank 4 is best in every setting" in sweep_mod.summarize(same, "accuracy_gap", "test")
+    # ERM tied across ranks leaves one informative setting: no claim either way
+    tied = [dict(r, **{"test/accuracy_gap": 1.0}) if r["lam"] == 0 else r for r in rows]
+    text = sweep_mod.summarize(tied, "accuracy_gap", "test")
+    assert "Only one setting tells the ranks apart (best rank 1)" in text
+    assert "universal" not in text.replace("is universal cannot", "")
 
 
 def test_pareto_front_directions():

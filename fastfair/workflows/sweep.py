@@ -277,6 +277,9 @@ def summarize(rows: list[dict], metric: str = "worst_group_accuracy", split: str
         lines.append("Only one rank in the sweep: nothing to compare.")
     elif not distinct:
         lines.append("Every setting is a tie between ranks: the metric does not tell ranks apart here.")
+    elif len(best_ranks) - len(ties) < 2:
+        lines.append(f"Only one setting tells the ranks apart (best rank {distinct[0]}): whether the "
+                     "best rank is universal cannot be read from this sweep.")
     elif len(distinct) == 1:
         lines.append(f"Rank {distinct[0]} is best in every setting without a tie: on this data the "
                      "best rank looks universal.")
