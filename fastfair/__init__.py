@@ -1,29 +1,47 @@
-"""fastfair: Triton-accelerated fair parameter-efficient fine-tuning of vision models."""
-from .adapters import load_adapter, save_adapter
-from .data import build_datasets, group_balanced_sampler, validate_dataset
-from .inject import InjectionSummary, inject_lora, lora_layers
-from .lora import LoRALinear
-from .losses import FairnessLoss, FairnessLossOutput
-from .metrics import GroupMetrics, compute_metrics
-from .ops.grouped_ce import check_flags, grouped_cross_entropy
-from .quant import quantize_backbone
+"""fastfair: Triton-accelerated fair parameter-efficient fine-tuning of vision models.
+
+Names are imported on first use, so ``from fastfair import LoRALinear`` does not pay for timm,
+torchvision or the metrics stack.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "LoRALinear",
-    "inject_lora",
-    "lora_layers",
-    "InjectionSummary",
-    "quantize_backbone",
-    "save_adapter",
-    "load_adapter",
-    "FairnessLoss",
-    "FairnessLossOutput",
-    "grouped_cross_entropy",
-    "check_flags",
-    "GroupMetrics",
-    "compute_metrics",
-    "build_datasets",
-    "validate_dataset",
-    "group_balanced_sampler",
-]
+
+_EXPORTS = {
+    "LoRALinear": "lora",
+    "inject_lora": "inject",
+    "lora_layers": "inject",
+    "InjectionSummary": "inject",
+    "quantize_backbone": "quant",
+    "save_adapter": "adapters",
+    "load_adapter": "adapters",
+    "FairnessLoss": "losses",
+    "FairnessLossOutput": "losses",
+    "grouped_cross_entropy": "ops.grouped_ce",
+    "check_flags": "ops.grouped_ce",
+    "GroupMetrics": "metrics",
+    "compute_metrics": "metrics",
+    "bootstrap": "metrics",
+    "intersect_groups": "metrics",
+    "intersect_group_names": "metrics",
+    "write_report": "report",
+    "compare_runs": "report",
+    "build_datasets": "data",
+    "validate_dataset": "data",
+    "group_balanced_sampler": "data",
+    "TrainConfig": "config",
+    "train": "trainer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastfair' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -14,12 +14,14 @@ import yaml
 @dataclass
 class TrainConfig:
     # model
-    model: str = "vit_tiny_patch16_224"
+    # The defaults are the embedded CPU demo: timm's tiny test ViT (6 blocks, width 64) at 32 px
+    # with 16 px patches (4 tokens), which LoRA can fit from random init in a few hundred steps.
+    model: str = "test_vit"
     pretrained: bool = False  # load timm's weights (needs internet); tests never do
     checkpoint: str | None = None  # local weights file (.safetensors / .pt / .pth) for the backbone
     img_size: int | None = 32  # None keeps the model's own
-    patch_size: int | None = 8
-    depth: int | None = 4  # None keeps the model's own; a shallow ViT trains in minutes on a CPU
+    patch_size: int | None = 16
+    depth: int | None = None  # None keeps the model's own
     model_kwargs: dict = field(default_factory=dict)
     attn: str = "sdpa"  # "sdpa" or "xformers" (CUDA only)
     # what is trained
@@ -28,6 +30,7 @@ class TrainConfig:
     exclude: list | str = field(default_factory=list)
     trainable: list = field(default_factory=lambda: ["head"])
     rank: int = 8
+    adapter_name: str = "default"
     alpha: float = 16.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
@@ -42,12 +45,12 @@ class TrainConfig:
     dro_step_size: float = 0.01
     label_smoothing: float = 0.0
     # optimization
-    epochs: int = 4
+    epochs: int = 8
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
     batch_size: int = 64
     eval_batch_size: int = 256
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
@@ -57,7 +60,7 @@ class TrainConfig:
     # data
     data: str = "colored_digits"
     correlation: float = 0.95
-    binary: bool = False
+    binary: bool = True  # digit < 5 with two colors: 4 groups, large enough to read
     repeats: int = 2
     csv_path: str | None = None
     image_root: str | None = None
@@ -77,6 +80,14 @@ class TrainConfig:
     n_boot: int = 200
 
     def validate(self) -> "TrainConfig":
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hints[f.name] is float and isinstance(v, (str, int)) and not isinstance(v, bool):
+                try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+                    setattr(self, f.name, float(v))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {v!r}") from None
         choices = {"finetune": ("lora", "full", "linear"), "attn": ("sdpa", "xformers"),
                    "loss_groups": ("group", "class", "attribute"),
                    "mixed_precision": ("no", "bf16", "fp16"), "data": ("colored_digits", "csv")}
@@ -127,6 +138,11 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
 def _parse_value(text: str, kind):
     """Flags take YAML values: ``--rank 16``, ``--targets '[qkv, proj]'``, ``--checkpoint null``."""
     value = yaml.safe_load(text)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value

@@ -64,7 +64,7 @@ def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:
         summary = inject_lora(model, targets=cfg.targets, r=cfg.rank, alpha=cfg.alpha,
                               dropout=cfg.lora_dropout, exclude=cfg.exclude, trainable=cfg.trainable,
                               use_rslora=cfg.use_rslora, backend=cfg.backend,
-                              rank_pattern=cfg.rank_pattern)
+                              rank_pattern=cfg.rank_pattern, adapter_name=cfg.adapter_name)
     if cfg.int8:
         quantize_backbone(model, skip=cfg.trainable)
     summary.trainable_params, summary.total_params = count_params(model)

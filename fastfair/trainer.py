@@ -291,7 +291,7 @@ def finish(cfg, model, accelerator, val_loader, test_loader, out: Path, num_grou
         write_report(out, ci=cfg.report_ci, n_boot=cfg.n_boot)
         unwrapped = accelerator.unwrap_model(model)
         if cfg.finetune == "lora":
-            save_adapter(unwrapped, out / "adapter")
+            save_adapter(unwrapped, out / "adapter", adapter_name=cfg.adapter_name)
         else:
             accelerator.save_model(unwrapped, str(out / "model"))
     accelerator.wait_for_everyone()

@@ -31,7 +31,7 @@ def test_smoke_colored_digits_writes_run_dir(tmp_path):
               "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "meta.json"):
         assert (out / f).is_file(), f
     assert len(list((out / "checkpoints").glob("step_*"))) == 1
-    assert 0.0 <= res["test"]["accuracy"] <= 1.0 and len(res["test"]["group_accuracy"]) == 100
+    assert 0.0 <= res["test"]["accuracy"] <= 1.0 and len(res["test"]["group_accuracy"]) == 4
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and "val/worst_group_accuracy" in record
     assert load_config(out / "config.yaml").lam == 1.0
@@ -85,12 +85,20 @@ def _ddp_run(out_dir, batch_size):
 
 
 def test_two_processes_match_one(tmp_path):
-    from accelerate import debug_launcher
+    from accelerate.utils import patch_environment
+    from accelerate.utils.launch import PrepareForLaunch
+    from torch.multiprocessing import start_processes
 
     one = tmp_path / "one"
     train(tiny(tmp_path, batch_size=32, max_steps=3, lam=1.0, output_dir=str(one)))
     two = tmp_path / "two"
-    debug_launcher(_ddp_run, args=(str(two), 16), num_processes=2)
+    # accelerate's debug_launcher, but spawned: a forked child of a process that already ran
+    # OpenMP deadlocks in libgomp. The file store needs no network port.
+    with patch_environment(world_size=2, accelerate_debug_rdv_file=str(tmp_path / "rdv"),
+                           accelerate_use_cpu="yes", accelerate_mixed_precision="no",
+                           master_addr="127.0.0.1", gloo_socket_ifname="lo"):
+        start_processes(PrepareForLaunch(_ddp_run, debug=True), args=(str(two), 16), nprocs=2,
+                        start_method="spawn")
     a, b = adapter_tensors(one), adapter_tensors(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -107,3 +115,26 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ValueError, match="xformers"):
         train(tiny(tmp_path, attn="xformers"))
+
+
+def test_fairlora_lowers_validation_group_loss_variance(tmp_path):
+    # the demo's model and data at a small budget: color predicts the label 95% of the time in
+    # training and never in validation, so plain LoRA learns the color and its group losses split
+    kw = dict(model="test_vit", img_size=32, patch_size=16, depth=None, max_steps=None, epochs=3,
+              batch_size=64, lr=3e-3, seed=0)
+    erm = train(tiny(tmp_path, lam=0.0, output_dir=str(tmp_path / "erm"), **kw))
+    fair = train(tiny(tmp_path, lam=1.0, output_dir=str(tmp_path / "fair"), **kw))
+    assert fair["val"]["loss_variance"] < 0.5 * erm["val"]["loss_variance"]
+
+
+def test_flags_take_yaml_values():
+    import argparse
+
+    from fastfair.config import add_config_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    cfg = config_from_args(p.parse_args(["--lr", "1e-3", "--targets", "[qkv, fc1]", "--checkpoint", "null"]))
+    assert cfg.lr == 1e-3 and cfg.targets == ["qkv", "fc1"] and cfg.checkpoint is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["--lr", "fast"])
