@@ -31,7 +31,7 @@ from .models import create_backbone, setup_finetuning, trainable_parameters
 
 # What the side-by-side summary and the per-epoch log show of the metrics.
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "worst_group_accuracy", "accuracy_gap",
-                "equalized_odds_difference", "auc", "worst_group_auc", "loss_variance")
+                "equalized_odds_difference", "demographic_parity_difference", "auc", "loss_variance")
 
 
 class WithIndex(Dataset):
@@ -346,7 +346,7 @@ def demo(argv_cfg: TrainConfig) -> int:
         print("\nfastfair demo: colored digits (color spuriously tied to the digit in training, "
               "uncorrelated in test); test split\n")
         print(side_by_side(runs))
-        print(f"\nreports: {base}/erm/report, {base}/fairlora/report")
+        print(f"\nreports: {base}/erm/report.md, {base}/fairlora/report.md (and group_accuracy.png)")
     return 0
 
 
