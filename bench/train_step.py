@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             ms = time_ms(step, device, warmup=2, rep=5)
             results[kind] = dict(batch=batch, kind=kind, ms=ms, images_per_s=batch / ms * 1e3,
                                  peak_mb=peak_memory_mb(step, device), trainable=n_train)
-            del model, opt
+
         for r in results.values():
             for base in ("peft", "floor", "full"):
                 if base in results:

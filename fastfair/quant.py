@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import torch
 import torch.nn as nn
 
 from .inject import name_matches

@@ -21,7 +21,6 @@ digit ``c`` the flip class is ``int(c < 5)`` (binary) or ``c`` (digits).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
+from .common import fmt_mean_std, write_rows
 from ..data import ColoredDigits, TriggeredDataset, add_trigger
 from ..models import create_backbone, load_backbone_weights
 
@@ -300,19 +300,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(mean, std):
-    if mean is None:
-        return "n/a"
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
-
-
 def write_results(out_dir: Path, rows, summary, meta) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
+    write_rows(out_dir, rows, {"meta": meta, "summary": summary})
     lines = [f"Bias transfer: trigger {meta['trigger_kind']} on source digit {meta['trigger_class']} "
              f"(p={meta['trigger_p']}), target {meta['target_task']}, flip class {meta['flip_class']}, "
              f"seeds {meta['seeds']} (mean ± std over seeds); test split of the target.", "",
@@ -320,9 +309,9 @@ def write_results(out_dir: Path, rows, summary, meta) -> None:
              "|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['source']} | {s['target']} | {mode_label(s['mode'], s['rank'])} | "
-                     f"{_fmt(s['accuracy'], s['accuracy_std'])} | "
-                     f"{_fmt(s['worst_group_accuracy'], s['worst_group_accuracy_std'])} | "
-                     f"{_fmt(s['asr'], s['asr_std'])} | {_fmt(s['flip_rate'], s['flip_rate_std'])} |")
+                     f"{fmt_mean_std(s['accuracy'], s['accuracy_std'])} | "
+                     f"{fmt_mean_std(s['worst_group_accuracy'], s['worst_group_accuracy_std'])} | "
+                     f"{fmt_mean_std(s['asr'], s['asr_std'])} | {fmt_mean_std(s['flip_rate'], s['flip_rate_std'])} |")
     notes = sorted({r["note"] for r in rows if r["note"]})
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]

@@ -25,9 +25,7 @@ the upstream adapter is trained with group-balanced resampling and the fairness 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from torch.utils.data import Dataset
 
 from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
+from .common import fmt_mean_std, write_rows
 from ..data import ColoredDigits, build_datasets, other_colors, recolor
 from ..inject import lora_layers
 from ..models import create_backbone, load_backbone_weights
@@ -255,23 +254,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(m, s):
-    return "n/a" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
-
-
 def write_results(out_dir: Path, rows, summary, meta) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
+    write_rows(out_dir, rows, {"meta": meta, "summary": summary})
     lines = [f"PEFTDebias: task adapter alone (baseline) vs beside the frozen upstream debiasing adapter "
              f"(debias); test split, seeds {meta['seeds']} (mean ± std). 'upstream only' is the upstream "
              "run's own head on the task it was trained on.", "",
              "| task | arm | " + " | ".join(BIAS_KEYS) + " |", "|---|---|" + "---|" * len(BIAS_KEYS)]
     for s in summary:
-        lines.append(f"| {s['task']} | {s['arm']} | " + " | ".join(_fmt(s[k], s[k + '_std']) for k in BIAS_KEYS) + " |")
+        lines.append(f"| {s['task']} | {s['arm']} | " + " | ".join(fmt_mean_std(s[k], s[k + '_std']) for k in BIAS_KEYS) + " |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plot(out_dir / "bias.png", summary)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, add_config_arguments, config_from_args
+from .common import comma_list
 from ..losses import PENALTIES
 from ..metrics import HIGHER_IS_BETTER
 from ..report import compare_runs, pareto_front
@@ -360,25 +361,16 @@ def sweep(base: TrainConfig, sweep_dir, ranks=(1, 4, 16, 64), lams=(0.0, 1.0), p
     return rows
 
 
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from e
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastfair sweep", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML train config every run starts from; flags override it")
-    p.add_argument("--ranks", type=_list(int), default=[1, 4, 16, 64])
-    p.add_argument("--lams", type=_list(float), default=[0.0, 1.0], help="lambda values (0 = ERM)")
-    p.add_argument("--penalties", type=_list(str), default=["variance"], help=f"of {PENALTIES}")
-    p.add_argument("--group-keys", type=_list(str), default=["group"],
+    p.add_argument("--ranks", type=comma_list(int), default=[1, 4, 16, 64])
+    p.add_argument("--lams", type=comma_list(float), default=[0.0, 1.0], help="lambda values (0 = ERM)")
+    p.add_argument("--penalties", type=comma_list(str), default=["variance"], help=f"of {PENALTIES}")
+    p.add_argument("--group-keys", type=comma_list(str), default=["group"],
                    help=f"loss group keys, of {GROUP_KEYS}")
-    p.add_argument("--seeds", type=_list(int), default=[0])
+    p.add_argument("--seeds", type=comma_list(int), default=[0])
     p.add_argument("--x", default="accuracy", help="Pareto plot x metric")
     p.add_argument("--y", default="worst_group_accuracy", help="Pareto plot y metric")
     p.add_argument("--metric", help="bias metric the summary ranks by (default: --y)")

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from ..config import TrainConfig, add_config_arguments, config_from_args
+from .common import comma_list
 from .sweep import higher_is_better, pareto_plot, run_point, scalar_metrics
 
 LORA_CHOICES = ("frozen", "attn", "mlp", "both")
@@ -331,27 +332,18 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
     return result
 
 
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from e
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastfair tune", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML train config the trials start from; flags override it")
     p.add_argument("--n-trials", type=int, default=20, help="finished trials wanted (resumes count)")
-    p.add_argument("--objective", type=_list(str), default=["worst_group_accuracy"],
+    p.add_argument("--objective", type=comma_list(str), default=["worst_group_accuracy"],
                    help=f"validation objective, of {OBJECTIVES} (or any directed metric); two "
                         "comma-separated names run NSGA-II, e.g. accuracy,worst_group_accuracy")
-    p.add_argument("--ranks", type=_list(int), default=[2, 4, 8, 16], help="LoRA ranks a block may take")
+    p.add_argument("--ranks", type=comma_list(int), default=[2, 4, 8, 16], help="LoRA ranks a block may take")
     p.add_argument("--allow-full", action="store_true",
                    help="blocks may also fully fine-tune their attention, MLP, norms or everything")
-    p.add_argument("--lr-range", type=_list(float), default=[1e-5, 1e-2],
+    p.add_argument("--lr-range", type=comma_list(float), default=[1e-5, 1e-2],
                    help="log-uniform learning-rate range (FairTune: 1e-5,1e-3)")
     p.add_argument("--pruner", default="median", choices=("median", "none"))
     p.add_argument("--population-size", type=int, default=10, help="NSGA-II population (two objectives)")
