@@ -57,6 +57,7 @@ class TrainConfig:
     balanced_sampling: bool = False
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     seed: int = 0
+    data_seed: int | None = None  # the data split and colors; null: the same as seed
     # data
     data: str = "colored_digits"
     correlation: float = 0.95

@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     done = state.step >= total_steps
     while not done and state.epoch < cfg.epochs:
         train_loader.set_epoch(state.epoch)
+        if sampler is not None:  # one draw per epoch, so a resumed epoch replays the same batches
+            sampler.generator.manual_seed(cfg.seed * 100_003 + state.epoch)
         loader = train_loader
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
@@ -304,6 +306,7 @@ def build_datasets_for(cfg: TrainConfig) -> dict:
 
     opts = cfg.to_dict()
     opts["image_size"] = cfg.image_size or cfg.img_size or 224
+    opts["seed"] = cfg.seed if cfg.data_seed is None else cfg.data_seed
     # the data config of an architecture, without building (or downloading) the model
     pcfg = timm.models.get_pretrained_cfg(cfg.model)
     if pcfg is not None and pcfg.mean is not None:

@@ -64,8 +64,9 @@ def test_bad_csv_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_resume_gives_the_same_weights(tmp_path):
-    kw = dict(max_steps=None, epochs=2, batch_size=32, lam=0.5, penalty="worst")
+@pytest.mark.parametrize("balanced", [False, True])
+def test_resume_gives_the_same_weights(tmp_path, balanced):
+    kw = dict(max_steps=None, epochs=2, batch_size=32, lam=0.5, penalty="worst", balanced_sampling=balanced)
     full = tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw)
     train(full)
     steps = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
