@@ -160,7 +160,8 @@ def plot_group_accuracy(rep: dict, path) -> None:
     ax.axhline(rep["accuracy"], color="gray", ls="--", lw=1)
     ax.text(-0.55, rep["accuracy"] + 0.01, f"overall {rep['accuracy']:.3f}", va="bottom",
             ha="left", fontsize=7, color="dimgray")
-    ax.set_xticks(x, [f"{nm}\n(n={c})" for nm, c in zip(names, rep["group_count"])],
+    # attribute lists ("digit<5,color=red") break at their commas so neighbours don't overlap
+    ax.set_xticks(x, [f"{nm.replace(',', chr(10))}\n(n={c})" for nm, c in zip(names, rep["group_count"])],
                   rotation=30 if G > 6 else 0, fontsize=7, ha="right" if G > 6 else "center")
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy")
