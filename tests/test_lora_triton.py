@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fastfair.kernels.lora import dropout_mask
 from fastfair.ops import lora_triton as lt
 from fastfair.ops.lora import Int8Weight, lora_linear_reference
+from hopper_compile import assert_compiles_for_hopper  # noqa: E402
 
 SEED = 20261125
 DRAW_SEED = lt._draw_seed  # the real one, before the fixture pins it
@@ -278,18 +279,7 @@ def test_fp16_large_reduction():
 
 
 _COMPILE_SCRIPT = r"""
-import os
-os.environ["TRITON_INTERPRET"] = "0"  # real @triton.jit functions, compiled, not interpreted
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastfair.kernels import lora as kl
-
-def build(fn, types, consts, **opts):
-    sig = {n: types.get(n, "i32") for n in fn.arg_names}
-    sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 bf = "*bf16"
 build(kl._lora_down_kernel, dict(x_ptr=bf, a_ptr=bf, out_ptr=bf, seed="i64", coef="fp32", p="fp32"),
@@ -308,14 +298,4 @@ print("compiled")
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
-    # The interpreter accepts code the compiler rejects, so compile the real bf16 kernels for
-    # sm_90 in a process where TRITON_INTERPRET is off.
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert_compiles_for_hopper(_COMPILE_SCRIPT)
