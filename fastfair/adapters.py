@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .inject import lora_layers, name_matches
+from .inject import lora_layers, name_matches, pattern_value
 from .lora import LoRALinear
 
 PREFIX = "base_model.model."
@@ -126,7 +126,7 @@ def load_adapter(model: nn.Module, directory, name: str = "default", trainable: 
                              f"layer of the model (found {type(module).__name__ if module else None})")
         A, B = ab["lora_A"], ab["lora_B"]
         r = A.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module_name, config["lora_alpha"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module_name, config["lora_alpha"])
         if isinstance(module, LoRALinear):
             layer = module
             if name in layer.adapters:
@@ -171,13 +171,6 @@ def _trainable_non_lora_modules(model: nn.Module) -> list[str]:
             names.append(name)
     # keep the outermost module of each trainable subtree
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    for key, value in pattern.items():
-        if name == key or name.endswith("." + key):
-            return value
-    return default
 
 
 def _param(model: nn.Module, dotted: str) -> torch.Tensor:

@@ -86,8 +86,8 @@ def inject_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in candidates:
-        layer_r = _lookup(rank_pattern, name, r)
-        layer_alpha = _lookup(alpha_pattern, name, alpha)
+        layer_r = pattern_value(rank_pattern, name, r)
+        layer_alpha = pattern_value(alpha_pattern, name, alpha)
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, layer_r, layer_alpha, dropout, use_rslora=use_rslora)
         else:
@@ -112,9 +112,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _lookup(pattern: dict, name: str, default):
+def pattern_value(pattern: dict, name: str, default):
+    """The value of the first key of a peft ``rank_pattern``/``alpha_pattern`` matching ``name``.
+
+    As peft reads them: a key is a regex matched against the end of the name at a component
+    boundary (``(.*\\.)?key``), so a plain name or suffix also works.
+    """
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        if re.fullmatch(rf"(.*\.)?({key})", name):
             return value
     return default
 

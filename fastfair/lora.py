@@ -40,6 +40,27 @@ def is_int8_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear8bitLt)
 
 
+def _sync_int8_storage(base: nn.Module) -> None:
+    """Point CB/SCB at the int8 weight's current storage and device after a move.
+
+    ``Module.to``/``cuda`` replace ``weight.data`` in place and leave the ``CB``/``SCB``
+    attributes (and ``state``'s copies) on the old device: a backbone quantized on the CPU and
+    then moved to the GPU would read CPU tensors.
+    """
+    w = base.weight
+    if w.dtype != torch.int8:
+        return
+    state = base.state
+    for owner in (w, state):
+        cb = getattr(owner, "CB", None)
+        if cb is not None and (cb.device != w.device or cb.data_ptr() != w.data_ptr()):
+            owner.CB = w.data
+    for owner in (w, state):
+        scb = getattr(owner, "SCB", None)
+        if scb is not None and scb.device != w.device:
+            owner.SCB = scb.to(w.device)
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + Σ_a scale_a · dropout_a(x) A_aᵀ B_aᵀ`` over the active adapters.
 
@@ -101,13 +122,22 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor | Int8Weight:
         w = self.base.weight
         if self.is_int8:
-            if getattr(w, "CB", None) is None:
+            # bitsandbytes' own forward moves CB/SCB from the weight to ``base.state``
+            CB = w.CB if getattr(w, "CB", None) is not None else self.base.state.CB
+            SCB = w.SCB if getattr(w, "SCB", None) is not None else self.base.state.SCB
+            if CB is None or SCB is None:
                 raise ValueError(
                     "the Linear8bitLt base is not quantized yet (its weight has no CB); "
                     "move it to a device first or build it with fastfair.quantize_backbone"
                 )
-            return Int8Weight(w.CB, w.SCB)
+            return Int8Weight(CB, SCB)
         return w
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.is_int8:
+            _sync_int8_storage(self.base)
+        return self
 
     # -- adapters ----------------------------------------------------------------------------
     def add_adapter(
@@ -150,6 +180,8 @@ class LoRALinear(nn.Module):
     def set_active(self, names) -> None:
         names = [names] if isinstance(names, str) else list(names)
         self._check_known(names)
+        if any(n not in names for n in self.merged):
+            self.unmerge()  # a merged adapter sits in the base weight: take it out before it stops counting
         self.active = names
 
     def delete_adapter(self, name: str) -> None:

@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     replaces the config's data; ``backbone`` (a model with the task's head) replaces
     ``create_backbone`` and gets the config's fine-tuning set-up; ``on_epoch_end(epoch,
     val_metrics)`` is called on every process after each validation and stops the run when it
-    returns True (optuna pruning).
+    returns True (optuna pruning); such a run returns its last ``"val"`` without ``"test"``.
     """
     cfg.validate()
     out = Path(resume or cfg.output_dir)
@@ -215,6 +215,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     model.train()
     t0, running, n_running = time.time(), None, 0
     done = state.step >= total_steps
+    stopped = None  # the validation metrics at which on_epoch_end stopped the run
     while not done and state.epoch < cfg.epochs:
         train_loader.set_epoch(state.epoch)
         if sampler is not None:  # one draw per epoch, so a resumed epoch replays the same batches
@@ -266,9 +267,13 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
             state.epoch += 1
             state.batches_in_epoch = 0
             if on_epoch_end is not None and on_epoch_end(state.epoch - 1, val):
+                stopped = val
                 break
     progress.close()
     save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+    if stopped is not None:  # stopped by the caller (a pruned trial): no test evaluation or report
+        accelerator.end_training()
+        return {"output_dir": str(out), "val": stopped, "stopped_at_epoch": state.epoch - 1}
     results = finish(cfg, model, accelerator, val_loader, test_loader, out, num_groups, num_classes, train_ds)
     accelerator.end_training()
     return results

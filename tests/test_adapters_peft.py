@@ -120,3 +120,29 @@ def test_load_errors(tmp_path):
                                 patch_size=8, depth=1)
     with pytest.raises(ValueError, match="'blocks.1.attn.proj' matches no linear layer"):
         load_adapter(shallow, tmp_path)
+
+
+def test_rank_and_alpha_patterns_read_as_peft_reads_them(tmp_path):
+    # peft matches a pattern key as a regex at the end of the name: (.*\.)?key
+    patterns = dict(rank_pattern={r"blocks\.1\.attn\.qkv": 6}, alpha_pattern={r"attn\.(qkv|proj)": 32.0})
+    base = tiny_vit()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "attn.proj", "fc1"],
+                                                   **patterns))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = pm(x)
+    pm.save_pretrained(str(tmp_path))
+    model = tiny_vit()
+    load_adapter(model, tmp_path, backend="torch")
+    model.eval()
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    ours = tiny_vit()
+    inject_lora(ours, targets=["qkv", "attn.proj", "fc1"], r=4, alpha=8, **patterns)
+    scales = {n: (m.adapters["default"].r, m.adapters["default"].scale) for n, m in lora_layers(ours).items()}
+    theirs = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+              for n, m in pm.named_modules() if hasattr(m, "scaling")}
+    assert scales == theirs

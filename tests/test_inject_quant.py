@@ -111,3 +111,26 @@ def test_quantize_vit_memory_and_merge_rules():
     torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="bits=4"):
         quantize_backbone(tiny_vit(), bits=4)
+
+
+def test_int8_base_follows_a_move_and_bnb_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    quantize_backbone(model, skip=())
+    x = torch.randn(3, 8)
+    ref = model[0](x)  # bitsandbytes' own forward moves CB/SCB from the weight to layer.state
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    W = layer.base.state.CB.float() * layer.base.state.SCB[:, None] / 127
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.base.bias))
+    torch.testing.assert_close(layer(x), ref, rtol=0.05, atol=0.05)  # bnb quantizes x too
+    # .to(device)/.cuda() swap weight.data in place and leave CB behind on the old device;
+    # a clone stands in for the move, and the stale storage is wiped to show which one is read
+    q = LoRALinear(model[1], r=2, backend="torch")
+    with torch.no_grad():
+        q.lora_B["default"].normal_()
+    h = torch.randn(3, 6)
+    y = q(h)
+    stale = q.base_weight().CB
+    q._apply(lambda t: t.clone())
+    stale.zero_()
+    torch.testing.assert_close(q(h), y)

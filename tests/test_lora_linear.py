@@ -157,3 +157,18 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     layer = LoRALinear(nn.Linear(8, 4), backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         layer(torch.randn(2, 8))
+
+
+def test_set_active_takes_a_merged_adapter_out_of_the_weight():
+    layer = make_layer(6, 5, 2)
+    layer.add_adapter("b", r=3)
+    with torch.no_grad():
+        layer.lora_B["b"].normal_()
+    x = torch.randn(4, 6)
+    layer.set_active(["b"])
+    y_b = layer(x)
+    layer.set_active(["default", "b"])
+    layer.merge()
+    layer.set_active(["b"])  # 'default' stops counting although it was folded into the weight
+    torch.testing.assert_close(layer(x), y_b, rtol=1e-5, atol=1e-5)
+    assert layer.merged == []

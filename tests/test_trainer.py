@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastfair.config import TrainConfig, load_config
-from fastfair.trainer import main, train
+from fastfair.trainer import latest_checkpoint, main, train
 
 
 def tiny(tmp_path, **kw):
@@ -139,3 +139,13 @@ def test_flags_take_yaml_values():
     assert cfg.lr == 1e-3 and cfg.targets == ["qkv", "fc1"] and cfg.checkpoint is None
     with pytest.raises(SystemExit):
         p.parse_args(["--lr", "fast"])
+
+
+def test_on_epoch_end_stops_without_test_evaluation(tmp_path):
+    seen = []
+    res = train(tiny(tmp_path, max_steps=None, epochs=3, batch_size=64),
+                on_epoch_end=lambda epoch, val: seen.append((epoch, val["accuracy"])) or True)
+    assert [e for e, _ in seen] == [0] and res["stopped_at_epoch"] == 0
+    assert res["val"]["accuracy"] == seen[0][1] and "test" not in res
+    assert not (tmp_path / "run" / "predictions_test.npz").exists()
+    assert latest_checkpoint(tmp_path / "run") is not None
