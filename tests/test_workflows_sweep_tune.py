@@ -74,7 +74,7 @@ def test_sweep_cli_end_to_end_and_resume(tmp_path, small, monkeypatch):
             "--seeds", "0", "--data-seed", "3", "--output-dir", str(out), *TINY_FLAGS]
     seeds = []
     # --data-seed builds the data once; the small subset keeps the evaluations cheap
-    monkeypatch.setattr(trainer, "build_datasets_for", lambda cfg: seeds.append(cfg.seed) or small)
+    monkeypatch.setattr(trainer, "build_datasets_for", lambda cfg: seeds.append(cfg.data_seed) or small)
     calls = count_train_calls(monkeypatch)
     assert sweep_mod.main(argv) == 0
     assert len(calls) == 2 and seeds == [3]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import itertools
 import json
 import math
@@ -375,9 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", default="worst_group_accuracy", help="Pareto plot y metric")
     p.add_argument("--metric", help="bias metric the summary ranks by (default: --y)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split of plot and summary")
-    p.add_argument("--data-seed", type=int,
-                   help="build the data once with this seed, so --seeds vary only initialization and "
-                        "order (default: each run's seed also draws its split and colors)")
     p.add_argument("--summarize-only", action="store_true",
                    help="re-read sweep.csv of the sweep dir and rewrite plot and summary, no training")
     add_config_arguments(p)
@@ -392,11 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize_only:
         print(finish_sweep(load_rows(sweep_dir), sweep_dir, args.x, args.y, args.metric or args.y, args.split))
         return 0
+    # --data-seed (a config key) fixes the split and colors: the data is built once and --seeds
+    # vary only initialization and order; without it each run's seed also draws its data
     datasets = None
-    if args.data_seed is not None:
+    if cfg.data_seed is not None:
         from ..trainer import build_datasets_for
 
-        datasets = build_datasets_for(dataclasses.replace(cfg, seed=args.data_seed))
+        datasets = build_datasets_for(cfg)
     sweep(cfg, sweep_dir, args.ranks, args.lams, args.penalties, args.group_keys, args.seeds,
           x=args.x, y=args.y, metric=args.metric, split=args.split, datasets=datasets)
     return 0
