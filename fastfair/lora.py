@@ -66,7 +66,8 @@ class LoRALinear(nn.Module):
 
     ``base`` is an ``nn.Linear`` or a bitsandbytes ``Linear8bitLt``; its weight and bias are
     frozen. Each adapter ``a`` has ``lora_A[a]`` (r×in, Kaiming-uniform like HF peft) and
-    ``lora_B[a]`` (out×r, zeros), so a fresh layer computes exactly its base.
+    ``lora_B[a]`` (out×r, zeros), so a fresh layer computes exactly its base. Adapters are float32
+    unless the base is float64; they run in the input's dtype.
     ``scale = alpha / r``, or ``alpha / √r`` with ``use_rslora``.
 
     Several adapters may live in one layer (``add_adapter``); the active ones (``set_active``) are
@@ -156,7 +157,9 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer: {list(self.adapters)}")
         w = self.base.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        # float32 adapters on a half or int8 base, as peft does: AdamW steps of ~1e-4 are below
+        # bf16's resolution at A's magnitude, so bf16 adapters would silently stop learning
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         A = torch.empty(r, self.in_features, dtype=dtype, device=w.device)
         # HF peft's default init: kaiming_uniform_(a=√5) on A, zeros on B.
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))

@@ -172,3 +172,28 @@ def test_set_active_takes_a_merged_adapter_out_of_the_weight():
     layer.set_active(["b"])  # 'default' stops counting although it was folded into the weight
     torch.testing.assert_close(layer(x), y_b, rtol=1e-5, atol=1e-5)
     assert layer.merged == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_keeps_float32_adapters_that_learn(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 16).to(dtype)
+    layer = LoRALinear(base, r=4, backend="torch")
+    assert layer.lora_A["default"].dtype == torch.float32  # as peft: fp32 weights for the optimizer
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(8, 64, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = float64_lora(x, base.weight, base.bias, [(layer.lora_A["default"], layer.lora_B["default"],
+                                                   layer.adapters["default"].scale, None, 0)])
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.05)
+    A0 = layer.lora_A["default"].detach().clone()
+    opt = torch.optim.AdamW([layer.lora_A["default"], layer.lora_B["default"]], lr=1e-4)
+    y.float().square().mean().backward()
+    opt.step()
+    # a first Adam step moves each entry by ~lr; in half precision it would round away
+    assert ((layer.lora_A["default"] - A0).abs() > 5e-5).float().mean() > 0.9
+    layer.merge()
+    torch.testing.assert_close(base(x), layer(x))
+    layer.unmerge()
