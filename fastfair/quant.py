@@ -7,7 +7,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from .inject import name_matches
-from .lora import LoRALinear, is_int8_linear
+from .lora import LoRALinear, _sync_int8_storage, is_int8_linear
 
 
 @dataclass
@@ -39,7 +39,13 @@ def to_int8_linear(linear: nn.Linear) -> nn.Module:
     if getattr(q.weight, "CB", None) is None:
         raise RuntimeError(f"bitsandbytes did not quantize the layer on {device}")
     q.requires_grad_(False)
+    # a later .to()/.cuda() leaves CB/SCB on the old device; re-point them before each forward
+    q.register_forward_pre_hook(_sync_before_forward)
     return q
+
+
+def _sync_before_forward(module, args):
+    _sync_int8_storage(module)
 
 
 def quantize_backbone(model: nn.Module, bits: int = 8, skip: str | Iterable[str] = ("head",)

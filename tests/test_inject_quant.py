@@ -134,3 +134,15 @@ def test_int8_base_follows_a_move_and_bnb_forward():
     q._apply(lambda t: t.clone())
     stale.zero_()
     torch.testing.assert_close(q(h), y)
+
+
+def test_unwrapped_int8_layer_follows_a_move():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    quantize_backbone(model, skip=())
+    x = torch.randn(3, 8)
+    y = model(x)  # bitsandbytes' own forward: CB and SCB now live in layer.state
+    stale = model[0].state.CB
+    model._apply(lambda t: t.clone())  # stands in for .cuda(): weight.data is replaced in place
+    stale.zero_()
+    torch.testing.assert_close(model(x), y)
