@@ -189,7 +189,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     loss_fn = loss_fn.to(accelerator.device)
     loss_table = loss_table.to(accelerator.device)
 
-    steps_per_epoch = max(len(train_loader) // cfg.grad_accum, 1)
+    # accelerate also steps at the end of the loader, so a last partial window is a step too
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    tail = len(train_loader) % cfg.grad_accum  # batches in that partial window (0: none)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -228,7 +230,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
                 with accelerator.autocast():
                     logits = model(images)
                 out_loss = loss_fn(logits, labels, loss_table[index])  # fp32 accumulation inside
-                accelerator.backward(out_loss.loss)
+                loss = out_loss.loss
+                if tail and state.batches_in_epoch >= len(train_loader) - tail:
+                    loss = loss * (cfg.grad_accum / tail)  # backward divides by grad_accum, not tail
+                accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1

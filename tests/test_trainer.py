@@ -149,3 +149,35 @@ def test_on_epoch_end_stops_without_test_evaluation(tmp_path):
     assert res["val"]["accuracy"] == seen[0][1] and "test" not in res
     assert not (tmp_path / "run" / "predictions_test.npz").exists()
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_grad_accum_covers_the_epoch_and_averages_a_partial_window(tmp_path):
+    # 16 batches per epoch in windows of 3: five full windows and a last one of a single batch.
+    # At lr 1e-12 the model does not move, so each step's gradient must be the mean of the
+    # per-batch gradients of a run without accumulation over its window.
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    grads = {}
+    kw = dict(max_steps=None, epochs=1, batch_size=64, lr=1e-12, warmup_steps=0, lam=0.0)
+    for accum in (1, 3):
+        def record(opt, args, kwargs, accum=accum):
+            grads.setdefault(accum, []).append(torch.cat(
+                [p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+        handle = register_optimizer_step_pre_hook(record)
+        try:
+            train(tiny(tmp_path, output_dir=str(tmp_path / f"accum{accum}"), grad_accum=accum, **kw))
+        finally:
+            handle.remove()
+    per_batch = torch.stack(grads[1])
+    assert len(per_batch) == 16
+    windows = [per_batch[i:i + 3].mean(0) for i in range(0, 16, 3)]
+    assert len(grads[3]) == len(windows) == 6
+    for got, want in zip(grads[3], windows):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("warmup_steps", -1), ("save_every", -5), ("min_lr_ratio", 1.5),
+                                        ("min_lr_ratio", -0.1), ("weight_decay", -0.01), ("num_workers", -1)])
+def test_config_rejects_out_of_range_schedule_values(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"{key} must be .*{value}"):
+        tiny(tmp_path, **{key: value}).validate()
