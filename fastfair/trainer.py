@@ -218,12 +218,15 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     t0, running, n_running = time.time(), None, 0
     done = state.step >= total_steps
     stopped = None  # the validation metrics at which on_epoch_end stopped the run
-    while not done and state.epoch < cfg.epochs:
+    # a run stopped at its last step resumes with no step left but that epoch's validation
+    while (not done or state.batches_in_epoch) and state.epoch < cfg.epochs:
         train_loader.set_epoch(state.epoch)
         if sampler is not None:  # one draw per epoch, so a resumed epoch replays the same batches
             sampler.generator.manual_seed(cfg.seed * 100_003 + state.epoch)
         loader = train_loader
-        if state.batches_in_epoch:
+        if done:
+            loader = []
+        elif state.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for images, labels, _, index in loader:
             with accelerator.accumulate(model):

@@ -181,3 +181,14 @@ def test_grad_accum_covers_the_epoch_and_averages_a_partial_window(tmp_path):
 def test_config_rejects_out_of_range_schedule_values(tmp_path, key, value):
     with pytest.raises(ValueError, match=f"{key} must be .*{value}"):
         tiny(tmp_path, **{key: value}).validate()
+
+
+def test_resume_after_a_stop_at_the_last_step_still_validates_that_epoch(tmp_path):
+    kw = dict(max_steps=3, epochs=1, batch_size=32)
+    train(tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw))
+    assert train(tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw), stop_after_steps=3)["stopped_at"] == 3
+    assert main(["--resume", str(tmp_path / "part")]) == 0
+    full, part = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                  for d in ("full", "part"))
+    assert [r["step"] for r in part] == [r["step"] for r in full] == [3]
+    assert part[0]["val/accuracy"] == full[0]["val/accuracy"]
