@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfair import LoRALinear
+from fastfair.backend import triton_interpreting
 
 
 def make_layer(k, n, r, alpha=16.0, dropout=0.0, bias=True, rslora=False, seed=0):
@@ -197,3 +198,24 @@ def test_half_base_keeps_float32_adapters_that_learn(dtype):
     layer.merge()
     torch.testing.assert_close(base(x), layer(x))
     layer.unmerge()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreting()),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_path_follows_autocast_like_the_reference():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter cannot do bf16 dots
+    outs = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = LoRALinear(nn.Linear(32, 16), r=4, backend=backend).to(device)
+        with torch.no_grad():
+            layer.lora_B["default"].normal_()
+        x = torch.randn(5, 32, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=dtype):
+            y = layer(x)
+        y.float().sum().backward()
+        outs[backend] = (y, x.grad, layer.lora_B["default"].grad)
+    assert outs["triton"][0].dtype == outs["torch"][0].dtype == dtype
+    for a, b in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)

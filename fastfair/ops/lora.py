@@ -78,6 +78,13 @@ def lora_linear(
     if resolve_backend(backend, x.device) == "triton":
         from .lora_triton import lora_linear_triton
 
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point():
+            # torch does not autocast a custom Function: cast x as it would for F.linear, or a
+            # bf16 mixed-precision run does its LoRA layers' GEMMs in float32
+            x = x.to(torch.get_autocast_dtype(dev))
+            with torch.autocast(dev, enabled=False):
+                return lora_linear_triton(x, weight, bias, lora_A, lora_B, scales, dropout, training)
         return lora_linear_triton(x, weight, bias, lora_A, lora_B, scales, dropout, training)
     with nvtx_range("fastfair.lora_linear.reference"):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training)
