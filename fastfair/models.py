@@ -1,6 +1,7 @@
 """Build a timm backbone for a task and set up what is trained: LoRA, full or linear probe."""
 from __future__ import annotations
 
+import sys
 import types
 from pathlib import Path
 
@@ -33,18 +34,31 @@ def create_backbone(cfg, num_classes: int) -> nn.Module:
 
 
 def load_backbone_weights(model: nn.Module, path) -> list[str]:
-    """Load local weights; tensors whose shape differs (the old head) are skipped and returned."""
+    """Load local weights; the classifier's tensors whose shape differs are skipped and returned.
+
+    The architecture's own timm converter runs first (original DINOv2 / CLIP layouts, position
+    embeddings resampled to the model's ``img_size``); any other shape mismatch is an error.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint file {p} not found")
     state = timm.models.load_state_dict(str(p))
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head and n for k in m.state_dict()}
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in skipped if k not in head_keys]
+    if wrong:
+        raise ValueError(f"checkpoint {p} does not fit {type(model).__name__} ({len(wrong)} tensors, "
+                         f"checkpoint vs model): {wrong[:4]}")
     state = {k: v for k, v in state.items() if k not in skipped}
     result = model.load_state_dict(state, strict=False)
     if len(result.missing_keys) == len(own):
         raise ValueError(f"checkpoint {p} matches no parameter of {type(model).__name__}")
-    return skipped + list(result.missing_keys)
+    return skipped + [k for k in result.missing_keys if k not in skipped]
 
 
 def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:

@@ -192,3 +192,24 @@ def test_resume_after_a_stop_at_the_last_step_still_validates_that_epoch(tmp_pat
                   for d in ("full", "part"))
     assert [r["step"] for r in part] == [r["step"] for r in full] == [3]
     assert part[0]["val/accuracy"] == full[0]["val/accuracy"]
+
+
+def test_local_checkpoint_resamples_position_embeddings_and_rejects_misfits(tmp_path):
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    from fastfair.models import load_backbone_weights
+
+    def vit(**kw):
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8, depth=1, **kw)
+
+    torch.manual_seed(0)
+    src = vit(num_classes=10, img_size=32)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    dst = vit(num_classes=3, img_size=48)  # a 6x6 grid where the checkpoint has 4x4
+    assert sorted(load_backbone_weights(dst, tmp_path / "w.pth")) == ["head.bias", "head.weight"]
+    want = resample_abs_pos_embed(src.pos_embed.detach(), (6, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(dst.pos_embed.detach(), want)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match=r"does not fit VisionTransformer.*patch_embed"):
+        load_backbone_weights(vit(num_classes=3, img_size=32, embed_dim=96, num_heads=3), tmp_path / "w.pth")
