@@ -189,6 +189,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
     loss_fn = loss_fn.to(accelerator.device)
     loss_table = loss_table.to(accelerator.device)
 
+    if len(train_loader) == 0:  # drop_last: no full batch, and so not a single step
+        raise ValueError(f"the train split has {len(train_ds)} samples, fewer than one batch of "
+                         f"batch_size={cfg.batch_size} on each of {accelerator.num_processes} "
+                         "process(es); lower batch_size")
     # accelerate also steps at the end of the loader, so a last partial window is a step too
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     tail = len(train_loader) % cfg.grad_accum  # batches in that partial window (0: none)

@@ -213,3 +213,10 @@ def test_local_checkpoint_resamples_position_embeddings_and_rejects_misfits(tmp_
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match=r"does not fit VisionTransformer.*patch_embed"):
         load_backbone_weights(vit(num_classes=3, img_size=32, embed_dim=96, num_heads=3), tmp_path / "w.pth")
+
+
+def test_train_split_smaller_than_a_batch_is_an_error(tmp_path):
+    rows = [(i % 2, (i // 2) % 2, "train" if i < 24 else ("val" if i < 30 else "test")) for i in range(36)]
+    write_csv_dataset(tmp_path, rows)
+    with pytest.raises(ValueError, match="train split has 24 samples.*batch_size=32"):
+        train(tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv"), batch_size=32))
