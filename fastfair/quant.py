@@ -82,8 +82,9 @@ def weight_memory_bytes(model: nn.Module) -> int:
     """Bytes held by the weights of the model's linear layers (int8 storage counted as such)."""
     total = 0
     for m in model.modules():
-        if is_int8_linear(m):
-            total += m.weight.CB.numel() + m.weight.SCB.numel() * m.weight.SCB.element_size()
+        if is_int8_linear(m):  # SCB sits in m.state once bitsandbytes' own forward has run
+            scb = m.weight.SCB if getattr(m.weight, "SCB", None) is not None else m.state.SCB
+            total += m.weight.numel() + scb.numel() * scb.element_size()
         elif type(m) is nn.Linear:
             total += m.weight.numel() * m.weight.element_size()
     return total

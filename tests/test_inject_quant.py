@@ -141,7 +141,9 @@ def test_unwrapped_int8_layer_follows_a_move():
     model = nn.Sequential(nn.Linear(8, 6))
     quantize_backbone(model, skip=())
     x = torch.randn(3, 8)
+    before = weight_memory_bytes(model)
     y = model(x)  # bitsandbytes' own forward: CB and SCB now live in layer.state
+    assert weight_memory_bytes(model) == before == 6 * 8 + 6 * 4
     stale = model[0].state.CB
     model._apply(lambda t: t.clone())  # stands in for .cuda(): weight.data is replaced in place
     stale.zero_()
