@@ -79,7 +79,7 @@ def lora_linear(
         from .lora_triton import lora_linear_triton
 
         dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
             # torch does not autocast a custom Function: cast x as it would for F.linear, or a
             # bf16 mixed-precision run does its LoRA layers' GEMMs in float32
             x = x.to(torch.get_autocast_dtype(dev))
