@@ -169,6 +169,13 @@ def _trainable_non_lora_modules(model: nn.Module) -> list[str]:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own and not any(name.startswith(n + ".") for n in names):
             names.append(name)
+    # the PEFT format keeps whole modules beside the adapter: not the root's own parameters,
+    # and not a LoRA layer's frozen base (peft would not find it under that name)
+    root = [n for n, p in model.named_parameters(recurse=False) if p.requires_grad]
+    bases = [n for n in names if n.endswith(".base") and isinstance(model.get_submodule(n[:-5]), LoRALinear)]
+    if root or bases:
+        raise ValueError(f"trainable parameters the PEFT format cannot save beside the adapter: "
+                         f"{root + bases}; freeze them or pass modules_to_save explicitly")
     # keep the outermost module of each trainable subtree
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 

@@ -146,3 +146,18 @@ def test_rank_and_alpha_patterns_read_as_peft_reads_them(tmp_path):
     theirs = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
               for n, m in pm.named_modules() if hasattr(m, "scaling")}
     assert scales == theirs
+
+
+def test_save_refuses_trainable_parameters_it_would_drop(tmp_path):
+    model = tiny_vit()
+    inject_lora(model, r=2, backend="torch")
+    model.cls_token.requires_grad_(True)  # a root parameter: no module to list in modules_to_save
+    with pytest.raises(ValueError, match="cls_token"):
+        save_adapter(model, tmp_path)
+    model.cls_token.requires_grad_(False)
+    model.blocks[0].attn.qkv.base.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.base"):
+        save_adapter(model, tmp_path)
+    model.blocks[0].attn.qkv.base.weight.requires_grad_(False)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
