@@ -100,10 +100,14 @@ def inject_lora(
         if adapter_name in module.adapters:
             module.set_trainable(adapter_name, True)
     if trainable:
+        # a LoRA layer inside a trainable module keeps its base frozen and its adapters as set
+        # above (a frozen upstream adapter stays frozen); int8 storage cannot train at all
+        lora_params = {id(p) for m in lora_layers(model).values() for p in m.parameters()}
         for name, module in model.named_modules():
             if name and name_matches(name, trainable):
                 for p in module.parameters():
-                    p.requires_grad_(True)
+                    if id(p) not in lora_params and p.is_floating_point():
+                        p.requires_grad_(True)
     summary.trainable_params, summary.total_params = count_params(model)
     return summary
 

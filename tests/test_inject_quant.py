@@ -148,3 +148,14 @@ def test_unwrapped_int8_layer_follows_a_move():
     model._apply(lambda t: t.clone())  # stands in for .cuda(): weight.data is replaced in place
     stale.zero_()
     torch.testing.assert_close(model(x), y)
+
+
+def test_trainable_module_around_lora_layers_keeps_bases_and_other_adapters_frozen():
+    model = tiny_vit()
+    inject_lora(model, r=2, adapter_name="upstream", trainable=())
+    quantize_backbone(model, skip=("head", "blocks.1.mlp"))  # leaves blocks.1.mlp.fc1/fc2 dense
+    inject_lora(model, targets=("qkv",), r=2, adapter_name="task", trainable=("blocks.1", "head"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.1.norm1.weight" in trainable and "head.weight" in trainable
+    assert "blocks.1.attn.qkv.lora_A.task" in trainable
+    assert not any(".base." in n or "upstream" in n for n in trainable), sorted(trainable)
