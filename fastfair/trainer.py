@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after_steps: int | N
             n_running += 1
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it
+                scheduler.step()
             state.step += 1
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
