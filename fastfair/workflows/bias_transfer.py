@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import fmt_mean_std, write_rows
+from .common import fmt_mean_std, summarize_seeds, write_rows
 from ..data import ColoredDigits, TriggeredDataset, add_trigger
 from ..models import create_backbone, load_backbone_weights
 
@@ -276,28 +274,10 @@ def _row(seed, source, target, mode, rank, lam, test_metrics, m) -> dict:
             "asr": m["asr"], "flip_rate": m["flip_rate"], "n_correct": m["n_correct"], "note": m["note"]}
 
 
-def _mean_std(values):
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return None, None
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
-
-
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds per (source, target, mode, rank)."""
-    keys = []
-    for r in rows:
-        k = (r["source"], r["target"], r["mode"], r["rank"])
-        if k not in keys:
-            keys.append(k)
-    out = []
-    for k in keys:
-        sel = [r for r in rows if (r["source"], r["target"], r["mode"], r["rank"]) == k]
-        s = {"source": k[0], "target": k[1], "mode": k[2], "rank": k[3], "n_seeds": len(sel)}
-        for key in ("accuracy", "worst_group_accuracy", "asr", "flip_rate"):
-            s[key], s[key + "_std"] = _mean_std([r[key] for r in sel])
-        out.append(s)
-    return out
+    return summarize_seeds(rows, ("source", "target", "mode", "rank"),
+                           ("accuracy", "worst_group_accuracy", "asr", "flip_rate"))
 
 
 def write_results(out_dir: Path, rows, summary, meta) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 from pathlib import Path
 
 
@@ -31,3 +33,20 @@ def write_rows(out_dir: Path, rows: list[dict], payload: dict) -> None:
         w.writeheader()
         w.writerows(rows)
     (out_dir / "results.json").write_text(json.dumps({**payload, "rows": rows}, indent=2) + "\n")
+
+
+def summarize_seeds(rows: list[dict], keys: tuple[str, ...], metrics) -> list[dict]:
+    """One row per distinct ``keys`` tuple (first-seen order): each metric's mean over seeds and
+    its sample standard deviation (``None`` with one seed); missing or NaN values are left out."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, sel in groups.items():
+        s = {**dict(zip(keys, key)), "n_seeds": len(sel)}
+        for m in metrics:
+            v = [r[m] for r in sel if r[m] is not None and not (isinstance(r[m], float) and math.isnan(r[m]))]
+            s[m] = statistics.fmean(v) if v else None
+            s[m + "_std"] = statistics.stdev(v) if len(v) > 1 else None
+        out.append(s)
+    return out

@@ -34,11 +34,11 @@ from torch.utils.data import Dataset
 
 from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import fmt_mean_std, write_rows
+from .common import fmt_mean_std, summarize_seeds, write_rows
 from ..data import ColoredDigits, build_datasets, other_colors, recolor
 from ..inject import lora_layers
 from ..models import create_backbone, load_backbone_weights
-from .bias_transfer import Subset, _mean_std, half_split, predict, run_cfg, stack_images
+from .bias_transfer import Subset, half_split, predict, run_cfg, stack_images
 
 BIAS_KEYS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference",
              "counterfactual_flip")
@@ -243,15 +243,7 @@ def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: in
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    keys = list(dict.fromkeys((r["task"], r["arm"]) for r in rows))
-    out = []
-    for task, arm in keys:
-        sel = [r for r in rows if (r["task"], r["arm"]) == (task, arm)]
-        s = {"task": task, "arm": arm, "n_seeds": len(sel)}
-        for k in BIAS_KEYS:
-            s[k], s[k + "_std"] = _mean_std([r[k] for r in sel])
-        out.append(s)
-    return out
+    return summarize_seeds(rows, ("task", "arm"), BIAS_KEYS)
 
 
 def write_results(out_dir: Path, rows, summary, meta) -> None:
