@@ -78,15 +78,22 @@ def _lora_down_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
     p_ptr, q_ptr, c_ptr, l_ptr, u_ptr, bias_ptr, col_scale_ptr, row_scale_ptr,
-    group_offs_ptr, group_p_ptr, seed, M, N, K, R, n_groups,
+    group_offs_ptr, group_p_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
+    seed, M, N, K, R, n_groups, M_KEY,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cm, stride_cn,
-    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_vk, stride_vr,
+    stride_sm, stride_sr, stride_dbk, stride_dbr,
     HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, MASKED: tl.constexpr,
     HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOWN: tl.constexpr, STORE_L: tl.constexpr, DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # DOWN: L = (P·op(V))·diag(l_coef) is accumulated in the base loop from the P tiles already in
+    # registers instead of being read from memory (R <= BLOCK_R); programs of column block 0 store
+    # it to l_ptr when STORE_L. DB: those programs also add op(P)ᵀ·S into the fp32 [K, R] db_ptr
+    # (atomics). Forward: V = Aᵀ, L = xa_s. dX: V = B, L = g_s, S = xa_s, db = dB.
     # Grouped program order: GROUP_M row blocks share each Q column block while it is in L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -105,6 +112,15 @@ def _lora_gemm_kernel(
     dtype = p_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+    rr_all = tl.arange(0, BLOCK_R)
+    r_all_ok = rr_all < R
+    if DOWN:
+        lacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        v_cols = v_ptr + rr_all[None, :] * stride_vr
+    if DB:
+        s_tile = tl.load(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr_all[None, :] * stride_sr,
+                         mask=m_ok[:, None] & r_all_ok[None, :], other=0.0)
+
     if HAS_BASE:
         p_rows = p_ptr + rm.to(tl.int64)[:, None] * stride_pm
         q_cols = q_ptr + rn.to(tl.int64)[None, :] * stride_qn
@@ -122,33 +138,68 @@ def _lora_gemm_kernel(
             else:
                 qt = qt.to(dtype)  # int8 values are exact in 16-bit floats
             acc = tl.dot(pt, qt, acc, input_precision=INPUT_PRECISION)
+            if DOWN:
+                # R/BLOCK_N more tensor-core work, no extra pass over P: every column block
+                # recomputes its row block's L.
+                vt = tl.load(v_cols + rk[:, None] * stride_vk, mask=k_ok[:, None] & r_all_ok[None, :],
+                             other=0.0).to(dtype)
+                lacc = tl.dot(pt, vt, lacc, input_precision=INPUT_PRECISION)
+            if DB:
+                if pid_n == 0:
+                    part = tl.dot(tl.trans(pt), s_tile, input_precision=INPUT_PRECISION)
+                    tl.atomic_add(db_ptr + rk[:, None] * stride_dbk + rr_all[None, :] * stride_dbr, part,
+                                  mask=k_ok[:, None] & r_all_ok[None, :])
         if COL_SCALE:
             # Per-output-row int8 scale factors out of the sum over K: one multiply per output.
             acc *= tl.load(col_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
 
+    if DOWN:
+        lacc *= tl.load(l_coef_ptr + rr_all, mask=r_all_ok, other=0.0)[None, :]
+        # Rounded to the input dtype, as the unfused path stores it before using it.
+        lval = lacc.to(dtype)
+        if STORE_L:
+            if pid_n == 0:
+                tl.store(l_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr_all[None, :] * stride_lr,
+                         lval, mask=m_ok[:, None] & r_all_ok[None, :])
+
     if HAS_LORA:
-        l_rows = l_ptr + rm.to(tl.int64)[:, None] * stride_lm
         u_cols = u_ptr + rn.to(tl.int64)[None, :] * stride_un
-        if MASKED:
-            for g in range(0, n_groups):
-                g_start = tl.load(group_offs_ptr + g)
-                g_end = tl.load(group_offs_ptr + g + 1)
-                lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(g_start, g_end, BLOCK_R):
+        if DOWN:
+            ut = tl.load(u_cols + rr_all[:, None] * stride_ur, mask=r_all_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if MASKED:
+                for g in range(0, n_groups):
+                    g_start = tl.load(group_offs_ptr + g)
+                    g_end = tl.load(group_offs_ptr + g + 1)
+                    # Registers cannot be sliced by a runtime range: zero the other groups' columns.
+                    lt = tl.where(((rr_all >= g_start) & (rr_all < g_end))[None, :], lval, 0.0).to(dtype)
+                    lr = tl.dot(lt, ut, input_precision=INPUT_PRECISION)
+                    keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
+                    acc += tl.where(keep, lr, 0.0)
+            else:
+                acc = tl.dot(lval, ut, acc, input_precision=INPUT_PRECISION)
+        else:
+            l_rows = l_ptr + rm.to(tl.int64)[:, None] * stride_lm
+            if MASKED:
+                for g in range(0, n_groups):
+                    g_start = tl.load(group_offs_ptr + g)
+                    g_end = tl.load(group_offs_ptr + g + 1)
+                    lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for r0 in range(g_start, g_end, BLOCK_R):
+                        rr = r0 + tl.arange(0, BLOCK_R)
+                        r_ok = rr < g_end
+                        lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                        ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                        lr = tl.dot(lt, ut, lr, input_precision=INPUT_PRECISION)
+                    keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
+                    acc += tl.where(keep, lr, 0.0)
+            else:
+                for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
-                    r_ok = rr < g_end
+                    r_ok = rr < R
                     lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                     ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                    lr = tl.dot(lt, ut, lr, input_precision=INPUT_PRECISION)
-                keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
-                acc += tl.where(keep, lr, 0.0)
-        else:
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_ok = rr < R
-                lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(lt, ut, acc, input_precision=INPUT_PRECISION)
+                    acc = tl.dot(lt, ut, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -199,11 +250,18 @@ def _gemm_configs() -> list[triton.Config]:
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
-# Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct.
+# Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct and
+# zero dB, which the DB launches accumulate into with atomics. Keyed on M's power-of-two bucket,
+# not M: a new batch size (a last partial batch) must not trigger a new tuning run.
 _lora_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(), key=["M", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE"],
-    restore_value=["c_ptr"],
+    configs=_gemm_configs(),
+    key=["M_KEY", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN", "DB"],
+    restore_value=["c_ptr"], reset_to_zero=["db_ptr"],
 )(_lora_gemm_kernel)
+
+
+# The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
+DOWN_MAX_RANK = 64
 
 
 def _pow2_at_least_16(n: int, cap: int) -> int:
@@ -261,33 +319,55 @@ def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> 
 
 def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool = False,
               bias=None, col_scale=None, row_scale=None, base: bool = True, accumulate: bool = False,
-              group_offs=None, group_p=None, n_groups: int = 0, seed: int = 0) -> None:
+              group_offs=None, group_p=None, n_groups: int = 0, seed: int = 0,
+              V=None, v_transposed: bool = False, l_coef=None, store_l: bool = False,
+              dB=None, S=None) -> None:
     """``C (+)= P·op(Q) [·col_scale] (+ bias) + Σ_g keep_g ⊙ (L_g op(U)_g)``.
 
     ``op(Q)`` is ``Qᵀ`` when ``q_transposed`` (Q stored [N, K], as a linear weight), else ``Q``
-    ([K, N]); same for ``U``. ``group_offs``/``group_p`` (device int32 [n_groups+1] / float32
-    [n_groups]) turn on the per-group dropout masks, drawn at (row, column) of ``C``.
+    ([K, N]); same for ``U`` and ``V``. ``group_offs``/``group_p`` (device int32 [n_groups+1] /
+    float32 [n_groups]) turn on the per-group dropout masks, drawn at (row, column) of ``C``.
+
+    With ``V`` (R <= ``DOWN_MAX_RANK``), ``L = P·op(V)·diag(l_coef)`` is computed inside the base
+    loop rather than read: ``L`` (if given) is then an output, written when ``store_l``. With ``dB``
+    (fp32 [K, R], zeroed by the caller), ``dB += Pᵀ S`` is accumulated in the same loop.
     """
     M, K = P.shape
     N = C.shape[1]
-    R = 0 if L is None else L.shape[1]
-    sqk, sqn = (Q.stride(1), Q.stride(0)) if q_transposed else (Q.stride(0), Q.stride(1))
-    if L is None:
-        L = U = P  # never read: HAS_LORA is off
-        sur = sun = 0
+    down = V is not None
+    if down:
+        R = V.shape[0] if v_transposed else V.shape[1]
+        if not base or R > DOWN_MAX_RANK or l_coef is None:
+            raise ValueError(f"lora_gemm: V needs the base product, l_coef and R <= {DOWN_MAX_RANK}, got R={R}")
+        svk, svr = (V.stride(1), V.stride(0)) if v_transposed else (V.stride(0), V.stride(1))
     else:
+        R = 0 if L is None else L.shape[1]
+        svk = svr = 0
+    if dB is not None and (not down or S is None or dB.dtype != torch.float32):
+        raise ValueError("lora_gemm: dB needs V, S and a float32 buffer")
+    sqk, sqn = (Q.stride(1), Q.stride(0)) if q_transposed else (Q.stride(0), Q.stride(1))
+    has_lora = R > 0
+    if has_lora:
         sur, sun = (U.stride(1), U.stride(0)) if u_transposed else (U.stride(0), U.stride(1))
+    else:
+        U, sur, sun = None, 0, 0
+    slm, slr = (L.stride(0), L.stride(1)) if L is not None else (0, 0)
+    ssm, ssr = (S.stride(0), S.stride(1)) if S is not None else (0, 0)
+    sdk, sdr = (dB.stride(0), dB.stride(1)) if dB is not None else (0, 0)
     masked = group_offs is not None
+    # Absent operands are None: never read (their constexpr switch is off), and autotune's
+    # reset_to_zero skips a None db_ptr instead of zeroing whatever stood in for it.
     args = (
-        P, Q, C, L, U, bias if bias is not None else P,
-        col_scale if col_scale is not None else P, row_scale if row_scale is not None else P,
-        group_offs if masked else P, group_p if masked else P, seed, M, N, K, R, n_groups,
+        P, Q, C, L, U, bias, col_scale, row_scale, group_offs if masked else None,
+        group_p if masked else None, V, l_coef, dB, S,
+        seed, M, N, K, R, n_groups, triton.next_power_of_2(M),
         P.stride(0), P.stride(1), sqk, sqn, C.stride(0), C.stride(1),
-        L.stride(0), L.stride(1), sur, sun,
+        slm, slr, sur, sun, svk, svr, ssm, ssr, sdk, sdr,
     )
     flags = dict(
-        HAS_BASE=base, HAS_LORA=R > 0, MASKED=masked, HAS_BIAS=bias is not None,
+        HAS_BASE=base, HAS_LORA=has_lora, MASKED=masked, HAS_BIAS=bias is not None,
         COL_SCALE=col_scale is not None, ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate,
+        DOWN=down, STORE_L=down and store_l and L is not None, DB=dB is not None,
         INPUT_PRECISION=_precision(P.dtype), BLOCK_R=_pow2_at_least_16(R, 64),
     )
     if not triton_interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):

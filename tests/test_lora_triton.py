@@ -108,27 +108,28 @@ def cases(draw):
         int8=draw(st.booleans()),
         training=draw(st.sampled_from([True, True, False])),
         x_grad=draw(st.sampled_from([True, True, False])),
-    ), draw(st.sampled_from(["fused", "cublas"])), draw(st.sampled_from(["dequant", "inloop"]))
+    ), draw(st.sampled_from(lt.DESIGNS)), draw(st.sampled_from([None, True, False])), \
+        draw(st.sampled_from(["dequant", "inloop"]))
 
 
 @given(cases())
 def test_matches_float64_reference(case):
-    kw, design, int8_design = case
-    lt.DESIGN, lt.INT8_DESIGN = design, int8_design
+    kw, design, down_in_loop, int8_design = case
+    lt.DESIGN, lt.DOWN_IN_LOOP, lt.INT8_DESIGN = design, down_in_loop, int8_design
     try:
         run_case(**kw)
     finally:
-        lt.DESIGN = lt.INT8_DESIGN = None
+        lt.DESIGN = lt.DOWN_IN_LOOP = lt.INT8_DESIGN = None
 
 
-@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("design", lt.DESIGNS)
 def test_large_rank_several_adapters_with_dropout(monkeypatch, design):
     monkeypatch.setattr(lt, "DESIGN", design)
     run_case(M=40, K=50, N=36, dtype=torch.float32, ranks=[64, 3, 17], scales=[0.25, 2.0, -1.0],
              ps=[0.5, 0.1, 0.0], trainable=[True, False, True], layout="3d")
 
 
-@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("design", lt.DESIGNS)
 @pytest.mark.parametrize("int8_design", ["dequant", "inloop"])
 def test_int8_base(monkeypatch, design, int8_design):
     monkeypatch.setattr(lt, "DESIGN", design)
@@ -145,6 +146,80 @@ def test_design_switch_picks_the_path(monkeypatch, design, launches):
     monkeypatch.setattr(lt, "DESIGN", design)
     run_case(M=20, K=24, N=18, dtype=torch.float32, ranks=[4], scales=[1.0], ps=[0.0], trainable=[True])
     assert len(calls) == launches
+
+
+def _spy(monkeypatch):
+    """Record the down-projection launches and each lora_gemm call's in-loop operands."""
+    calls = {"down": 0, "gemm": []}
+    real_down, real_gemm = lt.kl.lora_down, lt.kl.lora_gemm
+
+    def down(*a, **k):
+        calls["down"] += 1
+        return real_down(*a, **k)
+
+    def gemm(*a, **k):
+        calls["gemm"].append({key: k.get(key) is not None for key in ("V", "dB", "L")})
+        return real_gemm(*a, **k)
+
+    monkeypatch.setattr(lt.kl, "lora_down", down)
+    monkeypatch.setattr(lt.kl, "lora_gemm", gemm)
+    return calls
+
+
+@pytest.mark.parametrize("ps, ranks, down_fwd, in_loop", [
+    ([0.0, 0.0], [40, 24], 0, True),  # R = 64: everything in the GEMMs' loops
+    ([0.25, 0.0], [9, 7], 2, True),  # dropout: the forward down-projection is a pass per adapter
+    ([0.0, 0.0], [40, 25], 2, False),  # R = 65 > DOWN_MAX_RANK: the split form
+])
+def test_fused_design_takes_the_down_projection_into_the_loop(monkeypatch, ps, ranks, down_fwd, in_loop):
+    monkeypatch.setattr(lt, "DESIGN", "fused")
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    calls = _spy(monkeypatch)
+    # M spans 4 row blocks and K 3 column blocks of the interpreter's 32×32 tiles, so the atomic
+    # dB sums over row blocks and only column block 0 may add.
+    run_case(M=100, K=70, N=45, dtype=torch.float32, ranks=ranks, scales=[0.5, -2.0], ps=ps,
+             trainable=[True, True], bias="trainable")
+    assert calls["down"] == down_fwd
+    fwd, dx = calls["gemm"]
+    assert fwd["V"] == (in_loop and down_fwd == 0) and dx["V"] == in_loop and dx["dB"] == in_loop
+
+
+def test_deterministic_mode_keeps_dB_off_atomics(monkeypatch):
+    monkeypatch.setattr(lt, "DESIGN", "fused")
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    calls = _spy(monkeypatch)
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_case(M=70, K=40, N=36, dtype=torch.float32, ranks=[8], scales=[2.0], ps=[0.0],
+                 trainable=[True])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [c["V"] for c in calls["gemm"]] == [True, True] and not calls["gemm"][1]["dB"]
+
+
+def test_cost_model_choices(monkeypatch):
+    cd = lt.choose_design
+    # No adapter: the fused GEMM only while its speed gap costs less than addmm_'s pass over the
+    # output, i.e. for short reductions (the old FUSED_MAX_REDUCTION = 2048 rule, now derived).
+    assert cd(768, 768, 0, 0, False) == ("fused", False) and cd(4096, 768, 0, 0, False)[0] == "cublas"
+    # ViT-B proj, r = 16: recomputing g per 128-column block costs less than two passes over dY...
+    assert cd(768, 768, 16, 2, True) == ("fused", True)
+    # ...but not at r = 64 across 2304 output columns, nor where the kernel cannot take it in.
+    assert cd(768, 2304, 64, 1, True)[1] is False and cd(768, 768, 16, 2, False)[1] is False
+    monkeypatch.setattr(lt, "DESIGN", "cublas")
+    assert cd(768, 768, 16, 2, True) == ("cublas", False)
+    monkeypatch.setattr(lt, "DESIGN", None)
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    assert cd(768, 2304, 64, 1, True) == ("fused", True)
+    assert cd(768, 2304, 64, 1, False)[1] is False  # never forced where the kernel cannot run it
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", False)
+    assert cd(768, 768, 16, 2, True) == ("fused", False)
+
+
+def test_unknown_design_is_an_error(monkeypatch):
+    monkeypatch.setattr(lt, "DESIGN", "fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        lt.lora_linear_triton(**_args(), training=True)
 
 
 def test_dropout_mask_is_a_function_of_seed_position_and_adapter():
@@ -263,7 +338,7 @@ def test_lora_linear_module_on_triton_matches_torch():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("design", lt.DESIGNS)
 def test_rank_256_at_tiny_shapes(monkeypatch, design):
     # Rank past BLOCK_R: several rank blocks in lora_down/lora_dA and several rank chunks inside
     # one adapter's masked group in the dX kernel; M, K, N far below one tile.
@@ -287,10 +362,14 @@ build(kl._lora_down_kernel, dict(x_ptr=bf, a_ptr=bf, out_ptr=bf, seed="i64", coe
 build(kl._lora_dA_kernel, dict(g_ptr=bf, x_ptr=bf, out_ptr="*fp32", seed="i64", p="fp32"),
       dict(INPUT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=64), num_warps=4)
 gemm = dict(p_ptr=bf, q_ptr="*i8", c_ptr=bf, l_ptr=bf, u_ptr=bf, bias_ptr=bf, col_scale_ptr="*fp32",
-            row_scale_ptr="*fp32", group_offs_ptr="*i32", group_p_ptr="*fp32", seed="i64")
-for fwd in (True, False):  # int8 forward (column scale, bias), int8 dX (row scale, dropout masks)
+            row_scale_ptr="*fp32", group_offs_ptr="*i32", group_p_ptr="*fp32", v_ptr=bf,
+            l_coef_ptr="*fp32", db_ptr="*fp32", s_ptr=bf, seed="i64")
+# int8 forward (column scale, bias, in-loop xa_s), int8 dX (row scale, dropout masks, in-loop g and
+# atomic dB), and the split form (L read from memory).
+for fwd, down in ((True, True), (False, True), (False, False)):
     flags = dict(HAS_BASE=True, HAS_LORA=True, MASKED=not fwd, HAS_BIAS=fwd, COL_SCALE=fwd,
-                 ROW_SCALE=not fwd, ACCUMULATE=not fwd, INPUT_PRECISION="tf32", BLOCK_R=64)
+                 ROW_SCALE=not fwd, ACCUMULATE=not fwd, DOWN=down, STORE_L=down, DB=down and not fwd,
+                 INPUT_PRECISION="tf32", BLOCK_R=64)
     build(kl._lora_gemm_kernel, gemm, dict(flags, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
           num_warps=4, num_stages=2)  # small tiles: compiling the big ones takes ~10 s
 print("compiled")

@@ -3,8 +3,10 @@
 Forward ``y = x Wᵀ + b + Σ_a c_a (keep_a ⊙ x) A_aᵀ B_aᵀ`` with ``c_a = s_a / (1 - p_a)``; the
 derivation of the backward and the choice between the two designs are in docs/kernels/lora.md:
 
-* ``"fused"`` (design a): one Triton GEMM adds ``xa_s Bᵀ`` to the accumulator and the bias in the
-  epilogue, so the M×N output is written once (backward: ``dX`` likewise).
+* ``"fused"`` (design a): one Triton GEMM adds the low-rank term to the accumulator and the bias
+  in the epilogue, so the M×N output is written once. Its down-projection (``x Aᵀ`` forward,
+  ``dY B`` for ``dX``, with ``dB`` riding along) can be accumulated from the tiles the loop already
+  holds, trading a pass over x or dY for recomputing it per output column block.
 * ``"cublas"`` (design b): cuBLAS for the base product, then ``y += xa_s Bᵀ`` in place.
 
 Both draw the dropout masks in-kernel from one seed per call and redraw them in backward;
@@ -25,13 +27,17 @@ from ..backend import nvtx_range, resolve_backend
 from ..kernels import lora as kl
 from .lora import Int8Weight, lora_linear_reference
 
-# Module-level switches (the benchmark forces each design through them). None: choose per shape.
+# Module-level switches (the benchmark forces each design through them). None: the cost model.
 DESIGN: str | None = None  # "fused" | "cublas"
+DOWN_IN_LOOP: bool | None = None  # design "fused": down-projection inside the GEMM's loop or not
 INT8_DESIGN: str | None = None  # "dequant" | "inloop"
-# Byte/FLOP model of docs/kernels/lora.md: the fused GEMM wins while the reduction length is below
-# about 2·(peak FLOP/s ÷ HBM B/s)/(1/eff − 1) with eff = Triton GEMM speed ÷ cuBLAS speed. The
-# value assumes eff ≈ 0.85 on H100 and awaits a GPU calibration run of bench/lora_linear.py.
-FUSED_MAX_REDUCTION = 2048
+DESIGNS = ("fused", "cublas")
+# The cost model of docs/kernels/lora.md §4: H100 SXM figures and a guess of the Triton GEMM's
+# efficiency. Predictions all, to be calibrated from a GPU run of bench/lora_linear.py.
+GEMM_FLOPS = 650e12  # cuBLAS bf16 at ViT training shapes (about two thirds of the dense peak)
+HBM_BYTES = 3.35e12
+TRITON_EFF = 0.85  # fused Triton GEMM speed ÷ cuBLAS
+TILE_N = 128  # output columns per block: the in-loop down-projection is recomputed once per block
 MAX_RANK = 256
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -46,11 +52,29 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def choose_design(reduction: int) -> str:
-    """``DESIGN`` when set, else fused below ``FUSED_MAX_REDUCTION`` (K forward, N for dX)."""
+def choose_design(reduction: int, out: int, rank: int, passes: int, can_loop: bool) -> tuple[str, bool]:
+    """(design, down-projection in the loop) for one GEMM of the layer, by predicted time per row.
+
+    ``reduction``/``out``: the GEMM's reduction length and output width (forward K/N, dX N/K);
+    ``passes``: how many separate passes over the GEMM's M×reduction input the in-loop form saves
+    (forward: one ``lora_down`` per adapter; dX: ``g`` plus one ``dB`` per trainable adapter);
+    ``can_loop``: the kernel can take it in (total rank <= 64, and no dropout in the forward).
+    Forced choices (``DESIGN``, ``DOWN_IN_LOOP``) win; in-loop is never forced where it cannot run.
+    """
+    if DESIGN is not None and DESIGN not in DESIGNS:
+        raise ValueError(f"fastfair.ops.lora_triton.DESIGN must be one of {DESIGNS} or None, got {DESIGN!r}")
+    t0 = 2.0 * reduction * out / GEMM_FLOPS  # base GEMM by cuBLAS, per row of M
+    rereads = passes * 2.0 * reduction / HBM_BYTES  # separate down-projection passes (16-bit)
+    r_pad = max(16, 1 << max(rank - 1, 0).bit_length())
+    cost = {("cublas", False): t0 + 4.0 * out / HBM_BYTES + rereads,  # addmm_ reads, rewrites out
+            ("fused", False): t0 / TRITON_EFF + rereads}
+    if can_loop and rank > 0:
+        cost[("fused", True)] = t0 / TRITON_EFF * (1.0 + r_pad / TILE_N)
     if DESIGN is not None:
-        return DESIGN
-    return "fused" if reduction <= FUSED_MAX_REDUCTION else "cublas"
+        cost = {k: v for k, v in cost.items() if k[0] == DESIGN}
+    if DOWN_IN_LOOP is not None and len(cost) > 1:
+        cost = {k: v for k, v in cost.items() if k[1] == DOWN_IN_LOOP} or cost
+    return min(cost, key=cost.get)
 
 
 def choose_int8() -> str:
@@ -85,14 +109,24 @@ def _dequantized(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> tor
     return w
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned + non_blocking: no stream synchronization
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @functools.lru_cache(maxsize=64)
 def _group_meta(device: torch.device, offs: tuple, ps: tuple):
     """Device copies of the adapters' rank offsets and dropout rates, made once per stack."""
-    o = torch.tensor(offs, dtype=torch.int32)
-    p = torch.tensor(ps, dtype=torch.float32)
-    if device.type == "cuda":  # pinned + non_blocking: no stream synchronization
-        return o.pin_memory().to(device, non_blocking=True), p.pin_memory().to(device, non_blocking=True)
-    return o.to(device), p.to(device)
+    return (_to_device(torch.tensor(offs, dtype=torch.int32), device),
+            _to_device(torch.tensor(ps, dtype=torch.float32), device))
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_coefs(device: torch.device, starts: tuple, coefs: tuple) -> torch.Tensor:
+    """``c_a`` repeated over adapter a's rank columns (fp32 [R]), made once per stack."""
+    per_col = [c for a, c in enumerate(coefs) for _ in range(starts[a + 1] - starts[a])]
+    return _to_device(torch.tensor(per_col, dtype=torch.float32), device)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -184,21 +218,29 @@ class LoRALinearFunction(torch.autograd.Function):
         A_cat = _stack(ab[:n], dt, 0) if n else None
         B_cat = _stack(ab[n:], dt, 1) if n else None
         bias_c = None if bias is None else bias.to(dt)
-        xa = None
+        # With dropout each adapter's mask would be redrawn per output column block: the forward
+        # down-projection then stays a separate pass.
+        design, down = choose_design(Kdim, N, R, n, can_loop=0 < R <= kl.DOWN_MAX_RANK and not plan.dropout)
+        inloop8 = scb is not None and plan.int8 == "inloop"
+        xa, lora = None, {}
         if n:
             xa = _alloc((M, R), dt, dev)
-            for a in range(n):
-                drop = plan.dropout and plan.ps[a] > 0
-                with nvtx_range("fastfair.lora.down"):
-                    kl.lora_down(x2, A_cat, xa, plan.seed, plan.coefs[a], plan.ps[a], a,
-                                plan.starts[a], plan.starts[a + 1] - plan.starts[a], drop)
+            lora = dict(L=xa, U=B_cat, u_transposed=True)
+            if down:
+                lora.update(V=A_cat, v_transposed=True, store_l=True,
+                            l_coef=_rank_coefs(dev, plan.starts, plan.coefs))
+            else:
+                for a in range(n):
+                    drop = plan.dropout and plan.ps[a] > 0
+                    with nvtx_range("fastfair.lora.down"):
+                        kl.lora_down(x2, A_cat, xa, plan.seed, plan.coefs[a], plan.ps[a], a,
+                                    plan.starts[a], plan.starts[a + 1] - plan.starts[a], drop)
         y = _alloc((M, N), dt, dev)
-        lora = dict(L=xa, U=B_cat, u_transposed=True) if n else {}
-        if scb is not None and plan.int8 == "inloop":
+        if inloop8:
             with nvtx_range("fastfair.lora.fused_gemm_int8"):
                 kl.lora_gemm(x2, w, y, q_transposed=True, bias=bias_c,
                             col_scale=scb.float() / 127.0, **lora)
-        elif choose_design(Kdim) == "fused":
+        elif design != "cublas":
             W = _dense(w, scb, dt)
             with nvtx_range("fastfair.lora.fused_gemm"):
                 kl.lora_gemm(x2, W, y, q_transposed=True, bias=bias_c, **lora)
@@ -224,32 +266,49 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, w, scb, A_cat, B_cat, xa = ctx.saved_tensors
         plan, n = ctx.plan, ctx.plan.n
         dt, dev = x2.dtype, x2.device
-        (M, Kdim), N = x2.shape, w.shape[0]
+        (M, Kdim), N, R = x2.shape, w.shape[0], plan.starts[-1]
         dy2 = dy.reshape(-1, N).to(dt)
         need = ctx.needs_input_grad
         need_x, need_bias = need[0], need[3]
         train_A, train_B = need[5:5 + n], need[5 + n:]
         dx = dbias = None
         dA, dB = [None] * n, [None] * n
+        inloop8 = scb is not None and plan.int8 == "inloop"
+        # g = dY·B·diag(c) and dB = dYᵀ·xa_s both read dY: in the in-loop form they are taken from
+        # the dY tiles that dX's loop holds anyway. dB then adds in fp32 atomics, whose order
+        # varies: not under torch.use_deterministic_algorithms.
+        atomic_dB = any(train_B) and not torch.are_deterministic_algorithms_enabled()
+        design, down = choose_design(N, Kdim, R, 1 + (sum(train_B) if atomic_dB else 0),
+                                     can_loop=0 < R <= kl.DOWN_MAX_RANK)
+        down = down and need_x
+        db32 = None
+        if down and atomic_dB:
+            db32 = torch.zeros((N, R), dtype=torch.float32, device=dev)
 
         gs = None
-        if n and (need_x or any(train_A)):
-            # gs[:, a] = c_a · dY B_a: the scale rides on B (R×N), never on an M-sized tensor.
-            B_s = torch.cat([B_cat[:, plan.sl(a)] * plan.coefs[a] for a in range(n)], 1)
-            gs = _alloc((M, plan.starts[-1]), dt, dev)
-            with nvtx_range("fastfair.lora.bwd_g"):
-                torch.mm(dy2, B_s, out=gs)
+        if n and (any(train_A) or (need_x and not down)):
+            gs = _alloc((M, R), dt, dev)
+            if not down:
+                # gs[:, a] = c_a · dY B_a: the scale rides on B (R×N), never on an M-sized tensor.
+                B_s = torch.cat([B_cat[:, plan.sl(a)] * plan.coefs[a] for a in range(n)], 1)
+                with nvtx_range("fastfair.lora.bwd_g"):
+                    torch.mm(dy2, B_s, out=gs)
 
         if need_x:
             dx = _alloc((M, Kdim), dt, dev)
-            lora = dict(L=gs, U=A_cat) if n else {}
-            if n and plan.dropout:
-                offs, ps = _group_meta(dev, plan.starts, plan.ps)
-                lora.update(group_offs=offs, group_p=ps, n_groups=n, seed=plan.seed)
-            if scb is not None and plan.int8 == "inloop":
+            lora = {}
+            if n:
+                lora = dict(L=gs, U=A_cat)
+                if down:
+                    lora.update(V=B_cat, store_l=gs is not None, dB=db32, S=None if db32 is None else xa,
+                                l_coef=_rank_coefs(dev, plan.starts, plan.coefs))
+                if plan.dropout:
+                    offs, ps = _group_meta(dev, plan.starts, plan.ps)
+                    lora.update(group_offs=offs, group_p=ps, n_groups=n, seed=plan.seed)
+            if inloop8:
                 with nvtx_range("fastfair.lora.bwd_dx_fused_int8"):
                     kl.lora_gemm(dy2, w, dx, q_transposed=False, row_scale=scb.float() / 127.0, **lora)
-            elif choose_design(N) == "fused":
+            elif design != "cublas":
                 W = _dense(w, scb, dt)
                 with nvtx_range("fastfair.lora.bwd_dx_fused"):
                     kl.lora_gemm(dy2, W, dx, q_transposed=False, **lora)
@@ -278,9 +337,12 @@ class LoRALinearFunction(torch.autograd.Function):
                     with nvtx_range("fastfair.lora.bwd_dA"):
                         dA[a] = (gs[:, sl].t() @ x2).to(ctx.ab_dtypes[a])
             if train_B[a]:
-                # xa already holds c_a (keep ⊙ x) A_aᵀ: dB_a = dYᵀ xa_a with no rescale.
-                with nvtx_range("fastfair.lora.bwd_dB"):
-                    dB[a] = (dy2.t() @ xa[:, sl]).to(ctx.ab_dtypes[n + a])
+                if db32 is not None:
+                    dB[a] = db32[:, sl].to(ctx.ab_dtypes[n + a])
+                else:
+                    # xa already holds c_a (keep ⊙ x) A_aᵀ: dB_a = dYᵀ xa_a with no rescale.
+                    with nvtx_range("fastfair.lora.bwd_dB"):
+                        dB[a] = (dy2.t() @ xa[:, sl]).to(ctx.ab_dtypes[n + a])
         if need_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (dx, None, None, dbias, None, *dA, *dB)

@@ -21,8 +21,9 @@ def _pin_seed(monkeypatch):
     monkeypatch.setattr(lt, "_DEQUANT", {})
 
 
-def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch):
+def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch, down_in_loop=None):
     monkeypatch.setattr(lt, "DESIGN", design)
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", down_in_loop)
     monkeypatch.setattr(lt, "INT8_DESIGN", int8_design)
     gen = torch.Generator(device="cuda").manual_seed(M + K + N)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
@@ -59,10 +60,13 @@ def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K, N", VIT_B)
-@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("design, down_in_loop, p", [
+    ("fused", True, 0.0),  # x Aᵀ, dY B and dB all inside the GEMMs' loops
+    ("fused", True, 0.1),  # forward down-projection as a pass (dropout), dX's in the loop
+    ("fused", False, 0.1), ("cublas", None, 0.1)])
 @pytest.mark.parametrize("r", [8, 64])
-def test_vit_b_shapes(dtype, K, N, design, r, monkeypatch):
-    check(8 * 197, K, N, dtype, [r], [0.1], False, design, None, monkeypatch)
+def test_vit_b_shapes(dtype, K, N, design, down_in_loop, p, r, monkeypatch):
+    check(8 * 197, K, N, dtype, [r], [p], False, design, None, monkeypatch, down_in_loop)
 
 
 @pytest.mark.parametrize("design, int8_design", [("fused", "dequant"), ("cublas", "dequant"),
@@ -72,7 +76,7 @@ def test_int8_base_vit_l(design, int8_design, K, N, monkeypatch):
     check(4 * 197, K, N, torch.bfloat16, [16], [0.0], True, design, int8_design, monkeypatch)
 
 
-@pytest.mark.parametrize("design", ["fused", "cublas"])
+@pytest.mark.parametrize("design", lt.DESIGNS)
 def test_stacked_adapters_rank_256(design, monkeypatch):
     check(2 * 197, 1024, 3072, torch.bfloat16, [256, 8, 1], [0.1, 0.0, 0.3], False, design, None,
           monkeypatch)
