@@ -3,9 +3,10 @@
 ``python bench/lora_linear.py`` on CUDA: ViT-B/16 and ViT-L/14 layer shapes (qkv, proj, fc1, fc2;
 M = batch × 197 tokens, batch 64 and 256), r ∈ {8, 16, 64}, forward and forward+backward, bf16
 base and int8 base. In the same run: a frozen ``nn.Linear`` (input gradient only), HF peft's LoRA
-``Linear``, bitsandbytes ``Linear8bitLt`` + peft, and fastfair's design (a) fused GEMM, (b) cuBLAS +
-in-place low-rank update, and the per-shape choice it ships ("auto"); int8 base both as (i)
-dequantize + GEMM and (ii) int8 loads inside the fused GEMM. Reports median ms, TFLOP/s of each
+``Linear``, bitsandbytes ``Linear8bitLt`` + peft, and fastfair's design (a) fused GEMM with the
+down-projection in its loop ("fused-split": as separate passes), (b) cuBLAS + in-place low-rank
+update, and the per-shape choice it ships ("auto"); int8 base both as (i) dequantize + GEMM and
+(ii) int8 loads inside the fused GEMM. Reports median ms, TFLOP/s of each
 implementation's useful FLOPs, ratios to ``nn.Linear`` and to peft, peak memory, weight memory and
 whether each issue-3 target is met. On the CPU it runs one tiny shape through the reference path
 so the script cannot rot (the Triton interpreter is no benchmark).
@@ -76,12 +77,23 @@ def flops(M, K, N, r, mode, lora=True):
     return fwd + bwd
 
 
-def timed(layer, x, mode, device, designs=(None, None)):
+NONE = (None, None, None)  # (DESIGN, DOWN_IN_LOOP, INT8_DESIGN): the shipped per-shape choice
+
+
+def shipped(K, N, r, dropout):
+    """What the cost model runs for one adapter of rank r, as 'fwd <design>[+loop], dX ...'."""
+    fwd = lt.choose_design(K, N, r, 1, can_loop=r <= 64 and dropout == 0)
+    dx = lt.choose_design(N, K, r, 2, can_loop=r <= 64)
+    show = lambda d: d[0] + ("+loop" if d[1] else "")  # noqa: E731
+    return f"fwd {show(fwd)}, dX {show(dx)}"
+
+
+def timed(layer, x, mode, device, designs=NONE):
     """(median ms, peak MB) of forward or forward+backward (grads of x and trainables only)."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def run():
-        lt.DESIGN, lt.INT8_DESIGN = designs
+        lt.DESIGN, lt.DOWN_IN_LOOP, lt.INT8_DESIGN = designs
         y = layer(x)
         if mode == "fwd+bwd":
             torch.autograd.grad(y, [x, *params], torch.ones_like(y))
@@ -89,7 +101,7 @@ def timed(layer, x, mode, device, designs=(None, None)):
     try:
         return time_ms(run, device), peak_memory_mb(run, device)
     finally:
-        lt.DESIGN = lt.INT8_DESIGN = None
+        lt.DESIGN = lt.DOWN_IN_LOOP = lt.INT8_DESIGN = None
 
 
 def weight_mb(layer: nn.Module) -> float:
@@ -104,31 +116,31 @@ def weight_mb(layer: nn.Module) -> float:
 
 
 def impls_for(base_kind, K, N, r, dropout, dtype, device, on_gpu):
-    """{name: (layer, (DESIGN, INT8_DESIGN))} for one shape; the first is the ratio baseline."""
+    """{name: (layer, (DESIGN, DOWN_IN_LOOP, INT8_DESIGN))} for one shape; the first is the ratio baseline."""
     lin = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
     backend = "triton" if on_gpu else "torch"
     out = {}
     if base_kind == "dense":
-        out["nn.Linear (frozen)"] = (lin, (None, None))
-        out["peft"] = (peft_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout), (None, None))
+        out["nn.Linear (frozen)"] = (lin, NONE)
+        out["peft"] = (peft_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout), NONE)
         if on_gpu:
-            for name, d in (("fastfair (a) fused", "fused"), ("fastfair (b) cublas", "cublas"),
-                            ("fastfair auto", None)):
-                out[name] = (fastfair_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout, backend),
-                             (d, None))
+            for name, d in (("fastfair (a) in-loop down", ("fused", True, None)),
+                            ("fastfair (a) separate down", ("fused", False, None)),
+                            ("fastfair (b) cublas", ("cublas", None, None)), ("fastfair auto", NONE)):
+                out[name] = (fastfair_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout, backend), d)
         else:
             out["fastfair reference"] = (fastfair_layer(nn.Linear(K, N, device=device, dtype=dtype), r,
-                                                        dropout, backend), (None, None))
+                                                        dropout, backend), NONE)
         return out
     try:
-        out["bnb+peft"] = (peft_layer(int8_linear(nn.Linear(K, N, device=device)), r, dropout), (None, None))
+        out["bnb+peft"] = (peft_layer(int8_linear(nn.Linear(K, N, device=device)), r, dropout), NONE)
     except Exception as e:  # recorded, not fatal: the fastfair rows still run
         out["bnb+peft"] = (e, None)
-    designs = ((("fastfair int8 (a,i) fused+dequant", ("fused", "dequant")),
-                ("fastfair int8 (b,i) cublas+dequant", ("cublas", "dequant")),
-                ("fastfair int8 (a,ii) in-loop", ("fused", "inloop")),
-                ("fastfair int8 auto", (None, None))) if on_gpu
-               else (("fastfair int8 reference", (None, None)),))
+    designs = ((("fastfair int8 (a,i) fused+dequant", ("fused", None, "dequant")),
+                ("fastfair int8 (b,i) cublas+dequant", ("cublas", None, "dequant")),
+                ("fastfair int8 (a,ii) in-loop", ("fused", None, "inloop")),
+                ("fastfair int8 auto", NONE)) if on_gpu
+               else (("fastfair int8 reference", NONE),))
     for name, d in designs:
         out[name] = (fastfair_layer(int8_linear(nn.Linear(K, N, device=device)), r, dropout, backend), d)
     return out
@@ -161,32 +173,33 @@ def main(argv=None) -> int:
     ap.add_argument("--bases", nargs="*", default=["dense", "int8"], choices=["dense", "int8"],
                     help="dense: a bf16 base (fp32 on the CPU); int8: bitsandbytes row-wise int8")
     ap.add_argument("--layers", nargs="*", default=None, help="subset of qkv proj fc1 fc2")
-    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1],
+                    help="LoRA dropout rates; with dropout the forward down-projection cannot be in-loop")
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:
-        grid = [(m, ly, b, r) for m in args.models for ly in MODELS[m] for b in args.batches for r in args.ranks
-                if args.layers is None or ly[0] in args.layers]
+        grid = [(m, ly, b, r, p) for m in args.models for ly in MODELS[m] for b in args.batches
+                for r in args.ranks for p in args.dropouts if args.layers is None or ly[0] in args.layers]
         dtype = torch.bfloat16
     else:  # one tiny shape, reference path: only so the script cannot rot
-        grid = [("tiny", ("tiny", 64, 96), 1, 8)]
+        grid = [("tiny", ("tiny", 64, 96), 1, 8, 0.1)]
         dtype = torch.float32
 
     rows = []
-    for model, (layer_name, K, N), batch, r in grid:
+    for model, (layer_name, K, N), batch, r, p in grid:
         M = batch * (TOKENS if on_gpu else 40)
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
         ff_bf16 = {}
         for base_kind in args.bases:
-            impls = impls_for(base_kind, K, N, r, args.dropout, dtype, device, on_gpu)
+            impls = impls_for(base_kind, K, N, r, p, dtype, device, on_gpu)
             shape_rows = []
             for name, (layer, designs) in impls.items():
                 # bitsandbytes may move SCB off the weight during a CPU forward: count it first.
                 wmb = None if isinstance(layer, Exception) else weight_mb(layer)
                 for mode in ("fwd", "fwd+bwd"):
-                    row = dict(model=model, layer=layer_name, batch=batch, M=M, K=K, N=N, r=r,
+                    row = dict(model=model, layer=layer_name, batch=batch, M=M, K=K, N=N, r=r, p=p,
                                base=base_kind, dtype=str(dtype).replace("torch.", ""), mode=mode, impl=name)
                     if isinstance(layer, Exception):
                         row["ms"] = f"error: {type(layer).__name__}: {str(layer)[:80]}"
@@ -203,8 +216,8 @@ def main(argv=None) -> int:
                     lora = "Linear (frozen)" not in name
                     row.update(ms=ms, TFLOPs=flops(M, K, N, r, mode, lora) / ms / 1e9, peak_MB=mem,
                                weight_MB=wmb)
-                    if name.startswith("fastfair") and designs == (None, None) and on_gpu:
-                        row["ships"] = f"fwd {lt.choose_design(K)}, dX {lt.choose_design(N)}" + (
+                    if name.startswith("fastfair") and designs == NONE and on_gpu:
+                        row["ships"] = shipped(K, N, r, p) + (
                             f", int8 {lt.choose_int8()}" if base_kind == "int8" else "")
                     shape_rows.append(row)
             for row in shape_rows:
@@ -227,10 +240,10 @@ def main(argv=None) -> int:
         if on_gpu:
             torch.cuda.empty_cache()
 
-    cols = ["model", "layer", "batch", "M", "K", "N", "r", "base", "dtype", "mode", "impl", "ms", "TFLOPs",
+    cols = ["model", "layer", "batch", "M", "K", "N", "r", "p", "base", "dtype", "mode", "impl", "ms", "TFLOPs",
             "x_linear", "speedup_vs_peft", "x_ff_bf16", "peak_MB", "weight_MB", "ships", "target"]
     notes = (
-        f"LoRA dropout {args.dropout}, alpha = 2r, training mode, x requires grad. x_linear: time / frozen "
+        "p: LoRA dropout; alpha = 2r, training mode, x requires grad. x_linear: time / frozen "
         "bf16 nn.Linear of the same shape and mode (its fwd+bwd computes the input gradient only). "
         "speedup_vs_peft: peft time / this time (int8 rows: bnb Linear8bitLt + peft). x_ff_bf16: int8 "
         "row time / fastfair auto on the bf16 base. TFLOP/s counts each implementation's useful FLOPs "
