@@ -55,6 +55,9 @@ def worker(rank, world, init_file, out_dir):
         wrap = lambda m: nn.parallel.DistributedDataParallel(m)  # noqa: E731
         results = {case: train(*case, rows=rows, wrap=wrap) for case in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear down together: a rank that destroys its gloo group while the other still holds the
+        # connection was seen to abort ('terminate called without an active exception').
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
