@@ -85,8 +85,8 @@ def _lora_gemm_kernel(
     stride_sm, stride_sr, stride_dbk, stride_dbr,
     HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, MASKED: tl.constexpr,
     HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOWN: tl.constexpr, STORE_L: tl.constexpr, DB: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOWN: tl.constexpr, V_PADDED: tl.constexpr, STORE_L: tl.constexpr,
+    DB: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -141,14 +141,18 @@ def _lora_gemm_kernel(
             if DOWN:
                 # R/BLOCK_N more tensor-core work, no extra pass over P: every column block
                 # recomputes its row block's L.
-                vt = tl.load(v_cols + rk[:, None] * stride_vk, mask=k_ok[:, None] & r_all_ok[None, :],
-                             other=0.0).to(dtype)
+                if V_PADDED:  # V has BLOCK_R zero-padded columns: no rank mask, aligned rows
+                    vt = tl.load(v_cols + rk[:, None] * stride_vk, mask=k_ok[:, None], other=0.0).to(dtype)
+                else:
+                    vt = tl.load(v_cols + rk[:, None] * stride_vk, mask=k_ok[:, None] & r_all_ok[None, :],
+                                 other=0.0).to(dtype)
                 lacc = tl.dot(pt, vt, lacc, input_precision=INPUT_PRECISION)
             if DB:
                 if pid_n == 0:
                     part = tl.dot(tl.trans(pt), s_tile, input_precision=INPUT_PRECISION)
+                    # Relaxed: only the sum matters, read after the kernel ends (vector atomics).
                     tl.atomic_add(db_ptr + rk[:, None] * stride_dbk + rr_all[None, :] * stride_dbr, part,
-                                  mask=k_ok[:, None] & r_all_ok[None, :])
+                                  mask=k_ok[:, None] & r_all_ok[None, :], sem="relaxed")
         if COL_SCALE:
             # Per-output-row int8 scale factors out of the sum over K: one multiply per output.
             acc *= tl.load(col_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
@@ -250,14 +254,17 @@ def _gemm_configs() -> list[triton.Config]:
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
-# Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct and
-# zero dB, which the DB launches accumulate into with atomics. Keyed on M's power-of-two bucket,
-# not M: a new batch size (a last partial batch) must not trigger a new tuning run.
-_lora_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_KEY", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN", "DB"],
-    restore_value=["c_ptr"], reset_to_zero=["db_ptr"],
-)(_lora_gemm_kernel)
+# Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct, and
+# (DB launches) zero dB, which the atomics add into. Two wrappers, because some Triton releases
+# (3.6, for one) zero every reset_to_zero argument without a None check, and launches without DB
+# pass db_ptr=None.
+# Keyed on M's power-of-two bucket, not M: a new batch size (a last partial batch) must not
+# trigger a new tuning run.
+_TUNE_KEY = ["M_KEY", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN"]
+_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+                                   restore_value=["c_ptr"])(_lora_gemm_kernel)
+_lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+                                      restore_value=["c_ptr"], reset_to_zero=["db_ptr"])(_lora_gemm_kernel)
 
 
 # The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
@@ -339,10 +346,18 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
         R = V.shape[0] if v_transposed else V.shape[1]
         if not base or R > DOWN_MAX_RANK or l_coef is None:
             raise ValueError(f"lora_gemm: V needs the base product, l_coef and R <= {DOWN_MAX_RANK}, got R={R}")
+        block_r = _pow2_at_least_16(R, 64)
+        v_padded = not v_transposed and R < block_r
+        if v_padded:
+            # V [K, R] is read along R, its contiguous dim: pad it to BLOCK_R zero columns so the
+            # tile load needs no rank mask and its rows are 16-aligned (else Hopper's pipeliner
+            # falls back to synchronous loads inside the loop). K×BLOCK_R: a few hundred KiB.
+            V = torch.nn.functional.pad(V, (0, block_r - R))
         svk, svr = (V.stride(1), V.stride(0)) if v_transposed else (V.stride(0), V.stride(1))
     else:
         R = 0 if L is None else L.shape[1]
         svk = svr = 0
+        v_padded = False
     if dB is not None and (not down or S is None or dB.dtype != torch.float32):
         raise ValueError("lora_gemm: dB needs V, S and a float32 buffer")
     sqk, sqn = (Q.stride(1), Q.stride(0)) if q_transposed else (Q.stride(0), Q.stride(1))
@@ -367,12 +382,12 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     flags = dict(
         HAS_BASE=base, HAS_LORA=has_lora, MASKED=masked, HAS_BIAS=bias is not None,
         COL_SCALE=col_scale is not None, ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate,
-        DOWN=down, STORE_L=down and store_l and L is not None, DB=dB is not None,
+        DOWN=down, V_PADDED=v_padded, STORE_L=down and store_l and L is not None, DB=dB is not None,
         INPUT_PRECISION=_precision(P.dtype), BLOCK_R=_pow2_at_least_16(R, 64),
     )
     if not triton_interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _lora_gemm_tuned[grid](*args, **flags)
+        (_lora_gemm_tuned_db if dB is not None else _lora_gemm_tuned)[grid](*args, **flags)
         return
     meta = _fixed_gemm_meta(P.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

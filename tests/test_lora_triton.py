@@ -184,6 +184,20 @@ def test_fused_design_takes_the_down_projection_into_the_loop(monkeypatch, ps, r
     assert fwd["V"] == (in_loop and down_fwd == 0) and dx["V"] == in_loop and dx["dB"] == in_loop
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_in_loop_dropout_masks_per_adapter(monkeypatch, x_grad):
+    # Two dropped adapters and a frozen one between them inside one in-loop dX launch: each
+    # adapter's columns of g must meet its own mask (a mask drawn for the wrong adapter passes
+    # any test with a single dropped adapter).
+    monkeypatch.setattr(lt, "DESIGN", "fused")
+    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    calls = _spy(monkeypatch)
+    run_case(M=70, K=100, N=45, dtype=torch.float32, ranks=[5, 9, 3], scales=[0.5, -2.0, 1 / 3],
+             ps=[0.5, 0.0, 0.25], trainable=[True, False, True], x_grad=x_grad, layout="3d_permuted")
+    if x_grad:
+        assert calls["gemm"][1]["V"] and calls["gemm"][1]["dB"]
+
+
 def test_deterministic_mode_keeps_dB_off_atomics(monkeypatch):
     monkeypatch.setattr(lt, "DESIGN", "fused")
     monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
@@ -368,7 +382,8 @@ gemm = dict(p_ptr=bf, q_ptr="*i8", c_ptr=bf, l_ptr=bf, u_ptr=bf, bias_ptr=bf, co
 # atomic dB), and the split form (L read from memory).
 for fwd, down in ((True, True), (False, True), (False, False)):
     flags = dict(HAS_BASE=True, HAS_LORA=True, MASKED=not fwd, HAS_BIAS=fwd, COL_SCALE=fwd,
-                 ROW_SCALE=not fwd, ACCUMULATE=not fwd, DOWN=down, STORE_L=down, DB=down and not fwd,
+                 ROW_SCALE=not fwd, ACCUMULATE=not fwd, DOWN=down, V_PADDED=down and not fwd, STORE_L=down,
+                 DB=down and not fwd,
                  INPUT_PRECISION="tf32", BLOCK_R=64)
     build(kl._lora_gemm_kernel, gemm, dict(flags, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
           num_warps=4, num_stages=2)  # small tiles: compiling the big ones takes ~10 s
