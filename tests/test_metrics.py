@@ -295,6 +295,9 @@ def _two_process_worker(path, logits, labels, groups):
         with open(path, "w") as f:
             json.dump(out, f)
     acc.wait_for_everyone()
+    # Destroy the gloo group before exit, as the trainer does: left to the interpreter's exit,
+    # a rank can abort ('terminate called') while its peer closes the connection.
+    acc.end_training()
 
 
 def test_two_processes_merge_to_single_process_numbers(tmp_path):
