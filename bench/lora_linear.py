@@ -82,8 +82,8 @@ NONE = (None, None, None)  # (DESIGN, DOWN_IN_LOOP, INT8_DESIGN): the shipped pe
 
 def shipped(K, N, r, dropout):
     """What the cost model runs for one adapter of rank r, as 'fwd <design>[+loop], dX ...'."""
-    fwd = lt.choose_design(K, N, r, 1, can_loop=r <= 64 and dropout == 0)
-    dx = lt.choose_design(N, K, r, 2, can_loop=r <= 64)
+    fwd = lt.forward_design(K, N, r, 1, dropout > 0)
+    dx = lt.dx_design(N, K, r, 1)
     show = lambda d: d[0] + ("+loop" if d[1] else "")  # noqa: E731
     return f"fwd {show(fwd)}, dX {show(dx)}"
 

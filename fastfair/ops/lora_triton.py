@@ -77,6 +77,17 @@ def choose_design(reduction: int, out: int, rank: int, passes: int, can_loop: bo
     return min(cost, key=cost.get)
 
 
+def forward_design(K: int, N: int, R: int, n_adapters: int, dropout: bool) -> tuple[str, bool]:
+    """``choose_design`` for the forward GEMM. With dropout each adapter's mask would have to be
+    redrawn per output column block, so the down-projection stays a separate pass."""
+    return choose_design(K, N, R, n_adapters, can_loop=0 < R <= kl.DOWN_MAX_RANK and not dropout)
+
+
+def dx_design(N: int, K: int, R: int, atomic_dB: int) -> tuple[str, bool]:
+    """``choose_design`` for dX, whose loop can also take ``g`` and the ``atomic_dB`` adapters' dB."""
+    return choose_design(N, K, R, 1 + atomic_dB, can_loop=0 < R <= kl.DOWN_MAX_RANK)
+
+
 def choose_int8() -> str:
     """``INT8_DESIGN`` when set, else dequantize + GEMM (reported ~4% over bf16 on H100)."""
     return INT8_DESIGN if INT8_DESIGN is not None else "dequant"
@@ -218,9 +229,7 @@ class LoRALinearFunction(torch.autograd.Function):
         A_cat = _stack(ab[:n], dt, 0) if n else None
         B_cat = _stack(ab[n:], dt, 1) if n else None
         bias_c = None if bias is None else bias.to(dt)
-        # With dropout each adapter's mask would be redrawn per output column block: the forward
-        # down-projection then stays a separate pass.
-        design, down = choose_design(Kdim, N, R, n, can_loop=0 < R <= kl.DOWN_MAX_RANK and not plan.dropout)
+        design, down = forward_design(Kdim, N, R, n, plan.dropout)
         inloop8 = scb is not None and plan.int8 == "inloop"
         xa, lora = None, {}
         if n:
@@ -278,8 +287,7 @@ class LoRALinearFunction(torch.autograd.Function):
         # the dY tiles that dX's loop holds anyway. dB then adds in fp32 atomics, whose order
         # varies: not under torch.use_deterministic_algorithms.
         atomic_dB = any(train_B) and not torch.are_deterministic_algorithms_enabled()
-        design, down = choose_design(N, Kdim, R, 1 + (sum(train_B) if atomic_dB else 0),
-                                     can_loop=0 < R <= kl.DOWN_MAX_RANK)
+        design, down = dx_design(N, Kdim, R, sum(train_B) if atomic_dB else 0)
         down = down and need_x
         db32 = None
         if down and atomic_dB:
