@@ -55,6 +55,14 @@ class TrainConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
     balanced_sampling: bool = False
+    # method (issue 14): what the run does about groups; see fastfair.methods
+    method: str = "fairlora"  # "erm", "fairlora", "groupdro", "reweight", "jtt", "dfr"
+    jtt_epochs: int = 1  # JTT: epochs of the identification (ERM) run
+    jtt_upweight: float = 5.0  # JTT: how many times each error of that run is repeated
+    dfr_epochs: int = 20  # DFR: epochs of last-layer retraining on the balanced validation half
+    dfr_lr: float = 1e-2  # DFR: learning rate of the last-layer retraining
+    select_by: str | None = "auto"  # validation metric that picks the kept epoch; "auto":
+    # worst_group_accuracy when groups exist, null: the last epoch
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     seed: int = 0
     data_seed: int | None = None  # the data split and colors; null: the same as seed
@@ -71,6 +79,8 @@ class TrainConfig:
     split_col: str = "split"
     image_size: int | None = None  # CSV images are resized to this; defaults to img_size
     num_workers: int = 0
+    verify_images: str = "auto"  # "full", "sample", "none"; auto: full under 100k images
+    allow_outside_root: bool = False  # accept CSV paths that leave image_root
     # output
     output_dir: str = "runs/default"
     save_every: int = 0  # steps between checkpoints (0: only at the end)

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from .backend import check_backend
-from .ops.lora import Int8Weight, lora_linear
+from .int8 import Int8Weight, is_int8_linear, sync_int8_storage
+from .ops.lora import lora_linear
 
 
 @dataclass(frozen=True)
@@ -30,35 +31,6 @@ def _check_adapter_args(r, alpha, dropout) -> None:
         raise ValueError(f"LoRA alpha must be > 0, got alpha={alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
-
-
-def is_int8_linear(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except Exception:
-        return False
-    return isinstance(module, bnb.nn.Linear8bitLt)
-
-
-def _sync_int8_storage(base: nn.Module) -> None:
-    """Point CB/SCB at the int8 weight's current storage and device after a move.
-
-    ``Module.to``/``cuda`` replace ``weight.data`` in place and leave the ``CB``/``SCB``
-    attributes (and ``state``'s copies) on the old device: a backbone quantized on the CPU and
-    then moved to the GPU would read CPU tensors.
-    """
-    w = base.weight
-    if w.dtype != torch.int8:
-        return
-    state = base.state
-    for owner in (w, state):
-        cb = getattr(owner, "CB", None)
-        if cb is not None and (cb.device != w.device or cb.data_ptr() != w.data_ptr()):
-            owner.CB = w.data
-    for owner in (w, state):
-        scb = getattr(owner, "SCB", None)
-        if scb is not None and scb.device != w.device:
-            owner.SCB = scb.to(w.device)
 
 
 class LoRALinear(nn.Module):
@@ -137,7 +109,7 @@ class LoRALinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if self.is_int8:
-            _sync_int8_storage(self.base)
+            sync_int8_storage(self.base)
         return self
 
     # -- adapters ----------------------------------------------------------------------------

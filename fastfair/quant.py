@@ -7,7 +7,8 @@ from typing import Iterable
 import torch.nn as nn
 
 from .inject import name_matches
-from .lora import LoRALinear, _sync_int8_storage, is_int8_linear
+from .int8 import is_int8_linear, sync_int8_storage
+from .lora import LoRALinear
 
 
 @dataclass
@@ -45,7 +46,7 @@ def to_int8_linear(linear: nn.Linear) -> nn.Module:
 
 
 def _sync_before_forward(module, args):
-    _sync_int8_storage(module)
+    sync_int8_storage(module)
 
 
 def quantize_backbone(model: nn.Module, bits: int = 8, skip: str | Iterable[str] = ("head",)

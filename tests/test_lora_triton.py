@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fastfair.kernels.lora import dropout_mask
 from fastfair.ops import lora_triton as lt
-from fastfair.ops.lora import Int8Weight, lora_linear_reference
+from fastfair.int8 import Int8Weight
+from fastfair.ops.lora import lora_linear_reference
 from hopper_compile import assert_compiles_for_hopper  # noqa: E402
 
 SEED = 20261125

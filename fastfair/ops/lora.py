@@ -6,32 +6,13 @@ row-wise int8 storage); in both paths the activations stay in their own dtype (w
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backend import nvtx_range, resolve_backend
-
-
-class Int8Weight(NamedTuple):
-    """bitsandbytes ``Int8Params`` storage: ``W ≈ CB * SCB[:, None] / 127``."""
-
-    CB: torch.Tensor  # [N, K] int8
-    SCB: torch.Tensor  # [N] float32 absmax per output row
-
-    @property
-    def shape(self):
-        return self.CB.shape
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.CB.float() * (self.SCB.float() / 127.0).unsqueeze(1)).to(dtype)
-
-
-def dense_weight(weight: torch.Tensor | Int8Weight, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(weight, Int8Weight):
-        return weight.dequantize(dtype)
-    return weight.to(dtype)
+from ..int8 import Int8Weight, dense_weight
 
 
 def lora_linear_reference(

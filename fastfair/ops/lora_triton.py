@@ -25,7 +25,8 @@ import torch
 
 from ..backend import nvtx_range, resolve_backend
 from ..kernels import lora as kl
-from .lora import Int8Weight, lora_linear_reference
+from ..int8 import Int8Weight
+from .lora import lora_linear_reference
 
 # Module-level switches (the benchmark forces each design through them). None: the cost model.
 DESIGN: str | None = None  # "fused" | "cublas"

@@ -6,7 +6,8 @@ import torch
 
 from fastfair.kernels.lora import dropout_mask
 from fastfair.ops import lora_triton as lt
-from fastfair.ops.lora import Int8Weight, lora_linear_reference
+from fastfair.int8 import Int8Weight
+from fastfair.ops.lora import lora_linear_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
