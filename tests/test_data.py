@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fastfair.data import (
-    COLOR_NAMES, PALETTE, CSVImageDataset, ColoredDigits, TriggeredDataset, add_trigger, build_datasets,
+    COLOR_NAMES, PALETTE, CSVImageDataset, ColoredDigits, DataWarning, TriggeredDataset, add_trigger, build_datasets,
     colored_digits_splits, digit_mask, group_balanced_sampler, other_colors, recolor, trigger_pattern,
     trigger_region, validate_dataset,
 )
@@ -245,9 +245,10 @@ class _Fake(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("labels,groups,match", [
-    ([0, 1, 3, 2], [0, 1, 0, 1], "label 3 out of range \\[0, 3\\) at item 2"),
-    ([0, 1, 2, 2], [0, -1, 0, 1], "group -1 out of range \\[0, 2\\) at item 1"),
-    ([0, 1, 2, 2], [0, 1, 0, 2], "group 2 out of range .* at item 3"),
+    ([0, 1, 3, 2], [0, 1, 0, 1], r"labels must lie in \[0, 3\) \(num_classes=3\); out of range in 1 item: item 2: label 3$"),
+    ([0, 1, 2, 2], [0, -1, 0, 1], r"groups must lie in \[0, 2\) .* 1 item: item 1: group -1$"),
+    ([0, 1, 2, 2], [0, 1, 0, 2], r"groups must lie in .* 1 item: item 3: group 2$"),
+    ([0, 2**40, 2, 5], [0, 1, 0, 1], r"2 items: item 1: label 1099511627776, item 3: label 5$"),
 ])
 def test_validate_dataset_names_the_offending_item(labels, groups, match):
     validate_dataset(_Fake([0, 1, 2, 2], [0, 1, 0, 1]))
@@ -329,16 +330,23 @@ def test_csv_dataset_happy_path(tmp_path, image_dir):
 
 
 def test_csv_integer_columns_custom_names_and_default_root(tmp_path, image_dir):
-    rows = [["imgs/white.png", "1", "3.0", "0"], ["imgs/black.png", "0", "0", "1"], ["imgs/red.png", "4", "1", "2"]]
+    rows = [["imgs/white.png", "1", "2.0", "0"], ["imgs/black.png", "0", "0", "0"], ["imgs/red.png", "0", "1", "1"],
+            ["imgs/white.png", "2", "0", "2"]]
     p = write_csv(tmp_path / "celeba.csv", ["image_id", "Blond_Hair", "g", "partition"], rows)
     kw = dict(path_col="image_id", label_col="Blond_Hair", group_col="g", split_col="partition", image_size=8)
-    out = build_datasets(data="csv", csv_path=p, **kw)  # image_root defaults to the CSV's folder
-    assert [len(out[s]) for s in ("train", "val", "test")] == [1, 1, 1]
-    assert out["train"].num_classes == 5 and out["train"].num_groups == 4
-    assert out["train"].groups.tolist() == [3] and out["test"].labels.tolist() == [4]
-    assert out["val"].class_names == ["0", "1", "2", "3", "4"]
+    with pytest.warns(DataWarning):  # white.png in train and test, label 2 only in test
+        out = build_datasets(data="csv", csv_path=p, **kw)  # image_root defaults to the CSV's folder
+    assert [len(out[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+    assert out["train"].num_classes == 3 and out["train"].num_groups == 3
+    assert out["train"].groups.tolist() == [2, 0] and out["test"].labels.tolist() == [2]
+    assert out["val"].class_names == ["0", "1", "2"]
     fixed = CSVImageDataset(p, split="train", num_classes=6, num_groups=4, **kw)
     assert (fixed.num_classes, fixed.num_groups) == (6, 4)
+    # without num_classes, K = max + 1 may not exceed the rows; declaring it lifts the bound
+    big = write_csv(tmp_path / "big.csv", ["image_id", "Blond_Hair", "g"], [r[:3] for r in rows[:3]] + [["imgs/red.png", 9, 0]])
+    with pytest.raises(ValueError, match=r"K = max \+ 1 may not exceed the 4 rows .* 1 row: line 5 \(9\)$"):
+        CSVImageDataset(big, **{k: v for k, v in kw.items() if k != "split_col"})
+    assert CSVImageDataset(big, num_classes=10, **{k: v for k, v in kw.items() if k != "split_col"}).num_classes == 10
 
 
 def test_csv_missing_file_names_file_and_line(tmp_path, image_dir):
@@ -346,7 +354,7 @@ def test_csv_missing_file_names_file_and_line(tmp_path, image_dir):
                   [["white.png", 0, 0], ["nowhere.png", 1, 1]])
     ds = CSVImageDataset(p, image_dir)
     for verify in (True, False):
-        with pytest.raises(ValueError, match=r"m\.csv line 3: image file not found: .*nowhere\.png"):
+        with pytest.raises(ValueError, match=r"m\.csv: image files not found, 1 file: line 3: .*nowhere\.png$"):
             validate_dataset(ds, verify_images=verify)
 
 
@@ -355,40 +363,41 @@ def test_csv_unreadable_image_is_caught_by_verify(tmp_path, image_dir):
                   [["white.png", 0, 0], ["black.png", 1, 1], ["broken.png", 1, 0]])
     ds = CSVImageDataset(p, image_dir)
     ds.validate(verify_images=False)  # the cheap check only looks for the file
-    with pytest.raises(ValueError, match=r"m\.csv line 4: cannot read image .*broken\.png"):
+    with pytest.raises(ValueError, match=r"m\.csv: images that cannot be decoded, 1 file: line 4: .*broken\.png \("):
         ds.validate()
     with pytest.raises(ValueError, match=r"line 4: cannot load image .*broken\.png"):
         ds[2]
-    with pytest.raises(ValueError, match=r"line 4: cannot read image"):
+    with pytest.raises(ValueError, match=r"cannot be decoded, 1 file: line 4"):
         validate_dataset(ds)
     q = write_csv(tmp_path / "q.csv", ["path", "label", "group"], [["white.png", 0, 0], ["corrupt.png", 1, 1]])
     Image.open(image_dir / "corrupt.png").close()  # the header alone looks fine
-    with pytest.raises(ValueError, match=r"q\.csv line 3: cannot read image .*corrupt\.png"):
+    with pytest.raises(ValueError, match=r"q\.csv: images that cannot be decoded, 1 file: line 3: .*corrupt\.png"):
         CSVImageDataset(q, image_dir).validate()
 
 
 @pytest.mark.parametrize("header,rows,kwargs,match", [
     (["path", "label", "group"], [["white.png", 0, 0], ["black.png", 2, 1]], dict(num_classes=2),
-     r"line 3: column 'label' has 2, out of range \[0, 2\) for num_classes=2"),
+     r"column 'label' must hold integers 0..K-1 \(num_classes=2\); out of range in 1 row: line 3 \(2\)$"),
     (["path", "label", "group"], [["white.png", 0, 0], ["black.png", 1, -1]], {},
-     r"line 3: column 'group' has -1; it must be >= 0"),
+     r"column 'group' must hold integers 0..K-1 .*; out of range in 1 row: line 3 \(-1\)$"),
     (["path", "label", "group"], [["white.png", 0, 5]], dict(num_groups=4),
-     r"line 2: column 'group' has 5, out of range \[0, 4\) for num_groups=4"),
-    (["path", "label", "group"], [["white.png", -1, 0]], {}, r"line 2: column 'label' has -1"),
+     r"column 'group' must hold integers 0..K-1 \(num_groups=4\); out of range in 1 row: line 2 \(5\)$"),
+    (["path", "label", "group"], [["white.png", -1, 0]], {}, r"out of range in 1 row: line 2 \(-1\)$"),
     (["path", "y", "group"], [["white.png", 0, 0]], {},
      r"column 'label' not found; columns present: \['path', 'y', 'group'\]"),
     (["path", "label", "group"], [["white.png", 0, 0]], dict(split="train"),
      r"column 'split' not found; columns present: \['path', 'label', 'group'\]"),
     (["path", "label", "group", "split"], [["white.png", 0, 0, "train"], ["black.png", 1, 1, "train"]],
-     dict(split="test"), r"split 'test' is empty \(column 'split' has \['train'\]\)"),
+     dict(split="test"), r"split 'test' is empty \(column 'split' has \['train'\]\)$"),
     (["path", "label", "group", "split"], [["white.png", 0, 0, "train"], ["black.png", 1, 1, "holdout"]],
-     dict(split="train"), r"line 3: unknown split 'holdout'"),
+     dict(split="train"), r"unknown split in column 'split' .*; 1 row: line 3 \('holdout'\)$"),
     (["path", "label", "group"], [["white.png", 0, 0], ["black.png", "", 1]], {},
-     r"line 3: empty or missing value in column 'label'"),
+     r"empty or missing values in 1 place: line 3 column 'label'$"),
     (["path", "label", "group"], [["white.png", 0, 0], ["black.png", 1]], {},
-     r"line 3: empty or missing value in column 'group'"),
+     r"empty or missing values in 1 place: line 3 column 'group'$"),
     (["path", "label", "group"], [["white.png", 0, 0], ["black.png", "dog", 1]], {},
-     r"column 'label' mixes integers and strings: line 2 has '0', line 3 has 'dog'"),
+     r"column 'label' mixes integers and strings: integers in 1 row: line 2 \('0'\); strings in 1 row: line 3 "
+     r"\('dog'\)$"),
     (["path", "label", "group"], [["white.png", "a", "x"], ["black.png", "b", "y"], ["red.png", "c", "x"]],
      dict(num_classes=2), r"column 'label' has 3 distinct values .* but num_classes=2"),
     (["path", "label", "group"], [], {}, r"has a header but no data rows"),

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from ._checks import check_image_size, check_mean_std
+
 # Saturated colors (max component 1, see module docstring), ordered so that binary mode uses
 # red and green as IRM's Colored MNIST does.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -163,16 +165,14 @@ class ColoredDigits(Dataset):
             raise ValueError(f"correlation must be in [0, 1], got {correlation!r}")
         if eval_correlation is not None and not 0.0 <= eval_correlation <= 1.0:
             raise ValueError(f"eval_correlation must be in [0, 1] or None, got {eval_correlation!r}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-            raise ValueError(f"image_size must be an integer >= 4, got {image_size!r}")
+        check_image_size(image_size, minimum=4)
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
         fractions = tuple(float(f) for f in split_fractions)
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be 3 positive numbers summing to 1, got {split_fractions!r}")
         self.split, self.image_size, self.seed = split, image_size, seed
-        self.mean, self.std = tuple(mean), tuple(std)
-        _stats(mean, std)
+        self.mean, self.std = check_mean_std(mean, std)
 
         images, digits = load_source_digits(source)
         src = np.repeat(_split_indices(source, fractions, seed)[SPLITS.index(split)], repeats)
