@@ -18,7 +18,7 @@ from .colored_digits import (
     COLOR_NAMES, PALETTE, ColoredDigits, colored_digits_splits, colorize, digit_mask, other_colors, recolor,
 )
 from .csv_dataset import CSVImageDataset, canonical_split
-from .images import VERIFY_MODES
+from .images import VERIFY_MODES, verify_mode
 from .triggers import TriggeredDataset, add_trigger, trigger_pattern, trigger_region
 from .validation import describe, validate_dataset, validate_splits
 
@@ -61,6 +61,7 @@ def build_datasets(cfg=None, /, **kwargs) -> dict:
     if kind not in DATA_KINDS:
         raise DataError(f"data must be one of {DATA_KINDS}, got {kind!r}")
     verify_images = opts.pop("verify_images", "auto")
+    verify_mode(verify_images, 0)  # a bad option fails before the CSV is read
     if kind != "csv":  # only CSV paths can leave a root; the trainer refuses the flag elsewhere
         opts.pop("allow_outside_root", None)
     cls = _BUILDERS[kind]

@@ -6,6 +6,9 @@ import numbers
 import warnings
 
 MAX_LISTED = 20  # offending rows named in one message; the count is always given
+# A declared num_classes/num_groups may exceed the rows (a subset of a larger taxonomy) but not
+# this: ImageNet-21k has 21,843 classes, and a billion would build a head no machine holds.
+MAX_DECLARED = 2**20
 MAX_IMAGE_SIZE = 4096  # a 3×4096×4096 float image is 200 MB; beyond that a batch cannot fit
 
 

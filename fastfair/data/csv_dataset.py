@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from ._checks import MAX_LISTED, DataError, check_image_size, check_mean_std, listing, warn
+from ._checks import MAX_DECLARED, MAX_LISTED, DataError, check_image_size, check_mean_std, listing, warn
 from .images import check_image_files, raise_problems, verify_mode
 
 # CelebA's list_eval_partition numbers its splits 0/1/2.
@@ -190,8 +190,9 @@ class CSVImageDataset(Dataset):
         if not os.path.isfile(where):
             raise DataError(f"metadata CSV not found: {where}")
         for name, value in (("num_classes", num_classes), ("num_groups", num_groups)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DataError(f"{name} must be a positive integer or None, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= MAX_DECLARED):
+                raise DataError(f"{name} must be None or an integer in [1, {MAX_DECLARED}], got {value!r}")
         if split is not None and canonical_split(split) is None:
             raise DataError(f"split must be train/val/test or an alias {sorted(SPLIT_ALIASES)}, got {split!r}")
         if not isinstance(allow_outside_root, bool):

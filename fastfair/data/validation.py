@@ -82,8 +82,10 @@ def _split_problems(splits: dict) -> list[str]:
 
 
 def _name(ds, names_attr: str, value: int) -> str:
+    """The value's name as messages show it: integers bare, strings quoted."""
     names = getattr(ds, names_attr, None)
-    return repr(names[value]) if names is not None and value < len(names) else str(value)
+    name = names[value] if names is not None and value < len(names) else str(value)
+    return name if name.lstrip("-").isdigit() else repr(name)
 
 
 def _warn_unseen(splits: dict) -> None:
@@ -102,12 +104,14 @@ def _warn_unseen(splits: dict) -> None:
         if not count:
             continue
         known = [_name(train, names_attr, int(v)) for v in seen]
+        # spelling hints only for names a person typed into a CSV
+        typed = hasattr(train, "csv_path")
         items = []
         for v in list(count)[:MAX_LISTED]:
             name = _name(train, names_attr, v)
-            close = difflib.get_close_matches(name, known, n=1) if name.startswith("'") else []
+            close = difflib.get_close_matches(name, known, n=1) if typed and name.startswith("'") else []
             hint = f", did you mean {close[0]}?" if close else ""
-            items.append(f"{name} ({count[v]} rows, first {first[v]}{hint})")
+            items.append(f"{name} ({count[v]} row{'s' if count[v] != 1 else ''}, first {first[v]}{hint})")
         warn(f"{what}s with rows in val/test but none in train (a typo in the {what} column? the model never "
              f"trains on them): {listing(items, what, len(count))}")
 
