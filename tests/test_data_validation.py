@@ -2,6 +2,7 @@
 docs/datasets.md; run under a memory limit so that a blow-up fails the test, not the machine."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -318,7 +319,7 @@ def test_integer_columns_are_accepted_exactly_when_they_are_0_to_k_minus_1_with_
             with pytest.raises(DataError) as e:
                 _encode([str(v) for v in values], lines, "label", "num_classes", None, "m.csv")
             assert f"out of range in {len(bad)} row" in str(e.value)
-            assert [int(x) for x in __import__("re").findall(r"line (\d+) \(", str(e.value))] == bad[:20]
+            assert [int(x) for x in re.findall(r"line (\d+) \(", str(e.value))] == bad[:20]
         else:
             codes, k, names = _encode([str(v) for v in values], lines, "label", "num_classes", None, "m.csv")
             assert codes == values and k == max(values) + 1 and names == [str(i) for i in range(k)]

@@ -15,6 +15,7 @@ without knowing its old color (``digit_mask``, ``recolor``).
 from __future__ import annotations
 
 import functools
+import numbers
 
 import numpy as np
 import torch
@@ -161,6 +162,11 @@ class ColoredDigits(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(binary, bool):  # binary=2 would silently mean True
+            raise ValueError(f"binary must be True or False, got {binary!r}")
+        for name, value in (("correlation", correlation), ("eval_correlation", eval_correlation)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if not 0.0 <= correlation <= 1.0:
             raise ValueError(f"correlation must be in [0, 1], got {correlation!r}")
         if eval_correlation is not None and not 0.0 <= eval_correlation <= 1.0:

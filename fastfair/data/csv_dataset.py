@@ -195,6 +195,11 @@ class CSVImageDataset(Dataset):
                 raise DataError(f"{name} must be None or an integer in [1, {MAX_DECLARED}], got {value!r}")
         if split is not None and canonical_split(split) is None:
             raise DataError(f"split must be train/val/test or an alias {sorted(SPLIT_ALIASES)}, got {split!r}")
+        for name, value in (("path_col", path_col), ("label_col", label_col), ("group_col", group_col),
+                            ("split_col", split_col)):
+            if not (isinstance(value, str) and value) and not (name == "group_col" and value is None):
+                raise DataError(f"{name} must be a column name{' or None' if name == 'group_col' else ''}, "
+                                f"got {value!r}")
         if not isinstance(allow_outside_root, bool):
             raise DataError(f"allow_outside_root must be True or False, got {allow_outside_root!r}")
         image_size = check_image_size(image_size)
@@ -204,11 +209,8 @@ class CSVImageDataset(Dataset):
             raise DataError(f"image_root is not a folder: {self.image_root} (the paths in {where} are relative to it)")
         self.split_col = split_col
         self._table = self._read(path_col, label_col, group_col, num_classes, num_groups, allow_outside_root)
-        self.split = None
-        self._keep(range(len(self._table.paths)))
-        if split is not None:
-            self.split = canonical_split(split)
-            self._keep(self._split_rows(self.split))
+        self.split = canonical_split(split) if split is not None else None
+        self._keep(range(len(self._table.paths)) if split is None else self._split_rows(self.split))
         self.transform = transform if transform is not None else transforms.Compose([
             transforms.Resize((image_size, image_size), antialias=True),
             transforms.ToTensor(),
