@@ -142,6 +142,22 @@ def _image_paths(raw: list[str], lines: list[int], root: str, allow_outside_root
     return paths
 
 
+def _check_arguments(split, *, allow_outside_root, **named) -> None:
+    for name in ("num_classes", "num_groups"):
+        value = named[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= MAX_DECLARED):
+            raise DataError(f"{name} must be None or an integer in [1, {MAX_DECLARED}], got {value!r}")
+    if split is not None and canonical_split(split) is None:
+        raise DataError(f"split must be train/val/test or an alias {sorted(SPLIT_ALIASES)}, got {split!r}")
+    for name in ("path_col", "label_col", "group_col", "split_col"):
+        value = named[name]
+        if not (isinstance(value, str) and value) and not (name == "group_col" and value is None):
+            raise DataError(f"{name} must be a column name{' or None' if name == 'group_col' else ''}, got {value!r}")
+    if not isinstance(allow_outside_root, bool):
+        raise DataError(f"allow_outside_root must be True or False, got {allow_outside_root!r}")
+
+
 class _Table(NamedTuple):
     """Every row of the CSV, already checked; a dataset is a selection of its rows."""
 
@@ -189,19 +205,9 @@ class CSVImageDataset(Dataset):
         self.csv_path = where = str(csv_path)
         if not os.path.isfile(where):
             raise DataError(f"metadata CSV not found: {where}")
-        for name, value in (("num_classes", num_classes), ("num_groups", num_groups)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 1 <= value <= MAX_DECLARED):
-                raise DataError(f"{name} must be None or an integer in [1, {MAX_DECLARED}], got {value!r}")
-        if split is not None and canonical_split(split) is None:
-            raise DataError(f"split must be train/val/test or an alias {sorted(SPLIT_ALIASES)}, got {split!r}")
-        for name, value in (("path_col", path_col), ("label_col", label_col), ("group_col", group_col),
-                            ("split_col", split_col)):
-            if not (isinstance(value, str) and value) and not (name == "group_col" and value is None):
-                raise DataError(f"{name} must be a column name{' or None' if name == 'group_col' else ''}, "
-                                f"got {value!r}")
-        if not isinstance(allow_outside_root, bool):
-            raise DataError(f"allow_outside_root must be True or False, got {allow_outside_root!r}")
+        _check_arguments(split, num_classes=num_classes, num_groups=num_groups, path_col=path_col,
+                         label_col=label_col, group_col=group_col, split_col=split_col,
+                         allow_outside_root=allow_outside_root)
         image_size = check_image_size(image_size)
         self.mean, self.std = check_mean_std(mean, std)
         self.image_root = str(image_root) if image_root is not None else os.path.dirname(os.path.abspath(where))
