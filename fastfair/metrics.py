@@ -221,8 +221,8 @@ def to_probs_and_losses(
     _check_finite("score", scores, batch)
     _check_index("labels", labels, num_classes, batch)
     # float32 at least: half-precision log-probs would put ties and -inf into AUC and loss.
-    x = scores.reshape(scores.shape[0], -1).to(torch.float64 if scores.dtype == torch.float64
-                                               else torch.float32)
+    x = (scores.reshape(-1, 1) if single else scores).to(
+        torch.float64 if scores.dtype == torch.float64 else torch.float32)
     if inputs == "logits":
         if single:
             logp = torch.cat([F.logsigmoid(-x), F.logsigmoid(x)], dim=1)

@@ -101,18 +101,19 @@ def _markdown(rep: dict) -> str:
     tables (with one note naming them) rather than shown as rows of dashes."""
     ci = (rep.get("ci") or {}).get("intervals", {})
     level = (rep.get("ci") or {}).get("level")
-    ci_head = f"{round(100 * level)}% CI" if level else "CI"
+    # without intervals the CI column would be all dashes: left out
+    col = _Column(f"{round(100 * level)}% CI" if level else "CI", bool(rep.get("ci")))
     n = sum(rep["group_count"])
     lines = [f"# Fairness report: {rep['run']} ({rep['split']}, {n} samples)", "",
-             f"| metric | value | {ci_head} |", "|---|---|---|"]
+             f"| metric | value |{col.head}", f"|---|---|{col.sep}"]
     undefined = []
     for key, value in scalar_metrics(rep).items():
         if value is None:
             undefined.append(key)
             continue
         arrow = "↑" if higher_is_better(key) else "↓"
-        lines.append(f"| {key} {arrow} | {_fmt(value)} | {_fmt_ci(ci.get(key))} |")
-    lines += [""] + _group_table(rep, ci.get("group_accuracy"), ci_head, undefined)
+        lines.append(f"| {key} {arrow} | {_fmt(value)} |{col.cell(ci.get(key))}")
+    lines += [""] + _group_table(rep, ci.get("group_accuracy"), col, undefined)
     notes = list(rep["notes"])
     if undefined:
         notes.insert(0, f"left out of the tables, undefined on this split: {', '.join(undefined)}")
@@ -124,11 +125,30 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class _Column:
+    """The interval column of a markdown table, or nothing when the report has no intervals."""
+
+    title: str
+    shown: bool
+
+    @property
+    def head(self) -> str:
+        return f" {self.title} |" if self.shown else ""
+
+    @property
+    def sep(self) -> str:
+        return "---|" if self.shown else ""
+
+    def cell(self, interval) -> str:
+        return f" {_fmt_ci(interval)} |" if self.shown else ""
+
+
 # Per-group columns after the group's size, accuracy and interval: (header, report key).
 _GROUP_COLUMNS = (("AUC", "group_auc"), ("ECE", "group_ece"), ("mean loss", "group_loss"))
 
 
-def _group_table(rep: dict, group_ci, ci_head: str, undefined: list) -> list[str]:
+def _group_table(rep: dict, group_ci, col: _Column, undefined: list) -> list[str]:
     """One row per group; a column undefined in every group is dropped (and named in
     ``undefined``)."""
     G = len(rep["group_count"])
@@ -140,16 +160,15 @@ def _group_table(rep: dict, group_ci, ci_head: str, undefined: list) -> list[str
         else:
             undefined.append(key)
     worst = _worst(rep["group_accuracy"])
-    lines = [f"| group | n | accuracy | {ci_head} | " + " | ".join(h for h, _ in cols) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
+    lines = [f"| group | n | accuracy |{col.head}" + "".join(f" {h} |" for h, _ in cols),
+             f"|---|---|---|{col.sep}" + "---|" * len(cols)]
     for i, name in enumerate(rep["group_names"]):
         mark = " (worst)" if i == worst else ""
         if rep["group_count"][i] == 0:
             mark = " (missing)"
-        cells = [_fmt(rep[key][i]) for _, key in cols]
         lines.append(f"| {name}{mark} | {rep['group_count'][i]} | "
-                     f"{_fmt(rep['group_accuracy'][i])} | {_fmt_ci(group_ci[i])} | "
-                     + " | ".join(cells) + " |")
+                     f"{_fmt(rep['group_accuracy'][i])} |{col.cell(group_ci[i])}"
+                     + "".join(f" {_fmt(rep[key][i])} |" for _, key in cols))
     return lines
 
 
@@ -188,7 +207,8 @@ class Bars:
     highlight_label: str = "worst group"
     reference: tuple[float, str] | None = None
     hatches: Mapping[str, str] | None = None
-    ylim: tuple[float, float] | None = (0.0, 1.0)
+    ylim: tuple[float, float] | None = (0.0, 1.0)  # None: from the values
+    noun: str = "categories"  # what the categories are, for the note of a shortened panel
 
 
 def _figure(width: float, height: float):
@@ -252,10 +272,10 @@ def _slots(p: Bars) -> tuple[list[int | None], str]:
     sign = 1 if p.metric is None or higher_is_better(p.metric) else -1
     ranked = sorted((i for i in range(n) if vals[i] is not None), key=lambda i: sign * vals[i])
     if len(ranked) <= 2 * KEEP_BARS:
-        return ranked, f"{n} categories: the {len(ranked)} with a value are shown"
-    what = p.metric.replace("_", " ") if p.metric else "value"
-    note = (f"{n} categories: the {KEEP_BARS} worst and {KEEP_BARS} best by {what} "
-            f"(the other {n - 2 * KEEP_BARS} are in the table)")
+        return ranked, f"{n} {p.noun}: the {len(ranked)} with a value"
+    what = METRICS[p.metric].label if p.metric else "value"
+    note = (f"{n} {p.noun}: the {KEEP_BARS} worst and the {KEEP_BARS} best by {what}; "
+            f"the other {n - 2 * KEEP_BARS} are left out")
     return ranked[:KEEP_BARS] + [None] + ranked[-KEEP_BARS:], note
 
 
@@ -268,7 +288,7 @@ def _tick(p: Bars, i: int | None) -> str:
 
 
 def _panel_width(p: Bars) -> float:
-    return 1.0 + 0.42 * len(_slots(p)[0]) * max(1.0, 0.6 * len(p.values))
+    return 1.0 + 0.42 * len(_slots(p)[0]) * max(1.0, 0.75 * len(p.values))
 
 
 def _draw_bar(ax, x, v, width, color, hatch, lo, span):
@@ -280,21 +300,34 @@ def _draw_bar(ax, x, v, width, color, hatch, lo, span):
                 solid_capstyle="butt", zorder=3, clip_on=False)
 
 
-def _value_text(ax, x, top, v, rotate: bool):
-    ax.annotate(f"{v:.3f}" if abs(v) < 10 else f"{v:.3g}", (x, top), xytext=(0, 2),
+def _value_text(ax, x, top, v, rotate: bool, digits: int):
+    ax.annotate(f"{v:.{digits}f}" if abs(v) < 10 else f"{v:.3g}", (x, top), xytext=(0, 2),
                 textcoords="offset points", ha="center", va="bottom", fontsize=6.5,
                 rotation=90 if rotate else 0, color="0.15")
 
 
-def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
-    """Bars, stubs for zero bars, whiskers, a value label above each bar, a legend outside."""
+def _auto_ylim(p: Bars) -> tuple[float, float]:
+    """From 0 (or the lowest value) to the highest bar or whisker."""
+    ends = [0.0]
+    for name, vals in p.values.items():
+        errs = (p.errors or {}).get(name) or [None] * len(vals)
+        for v, e in zip(vals, errs):
+            if v is not None:
+                ends += [v, *(_interval(v, e) or ())]
+    lo, hi = min(ends), max(ends)
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> list:
+    """Bars, stubs for zero bars, whiskers and a value label above each bar; returns the
+    panel's legend handles."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     slots, note = _slots(p)
     series = list(p.values)
     width = 0.8 / len(series)
-    lo, hi = p.ylim if p.ylim is not None else (0.0, 1.0)
+    lo, hi = p.ylim if p.ylim is not None else _auto_ylim(p)
     span = hi - lo
     # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
     rotate = 0.8 * fig_width / max(total_slots, 1) * width < 0.34
@@ -325,7 +358,7 @@ def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
                 top, whiskers = max(v, ci[1]), True
                 if seeds is not None:
                     seeds_drawn.append(seeds[i])
-            _value_text(ax, x, top, v, rotate)
+            _value_text(ax, x, top, v, rotate, 3 if len(series) == 1 else 2)
             top_all = max(top_all, top)
     handles = [Patch(facecolor=palette[j % len(palette)], hatch=(p.hatches or {}).get(n),
                      edgecolor="white", label=n) for j, n in enumerate(series)] \
@@ -340,9 +373,6 @@ def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
                               label=_whisker_label(p.error_label, seeds_drawn)))
     elif p.n_seeds and p.errors:
         handles.append(Patch(alpha=0, label="1 seed: no error bars"))
-    if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
-                  frameon=False, borderaxespad=0)
     # headroom so the value labels sit inside the axes, above the highest whisker
     ax.set_ylim(lo, top_all + span * (0.2 if rotate else 0.09))
     ax.set_xlim(-0.6, len(slots) - 0.4)
@@ -352,6 +382,7 @@ def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
                   rotation_mode="anchor" if many else "default")
     ax.set_ylabel(p.ylabel or (axis_label(p.metric) if p.metric else ""), fontsize=8)
     ax.set_title(p.title + (f"\n{note}" if note else ""), fontsize=8.5)
+    return handles
 
 
 def bar_plot(path, panels, title: str | None = None):
@@ -367,11 +398,16 @@ def bar_plot(path, panels, title: str | None = None):
     widths = [_panel_width(p) for p in panels]
     legend = 1.7 if any(len(p.values) > 1 or p.reference or p.errors or p.highlight is not None
                         for p in panels) else 0.0
-    fig_width = min(max(5.0, sum(widths) + legend * len(panels)), 16.0)
+    fig_width = min(max(5.0, sum(widths) + legend), 16.0)
     fig = _figure(fig_width, 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+    handles = {}
     for ax, p, w in zip(axes, panels, widths):
-        _draw_panel(ax, p, fig_width * w / sum(widths), len(_slots(p)[0]))
+        for h in _draw_panel(ax, p, fig_width * w / sum(widths), len(_slots(p)[0])):
+            handles.setdefault(h.get_label(), h)
+    if handles:  # one legend for all panels, outside them: it never covers a bar
+        fig.legend(handles=list(handles.values()), loc="outside right center", fontsize=7,
+                   frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)
@@ -381,6 +417,9 @@ def bar_plot(path, panels, title: str | None = None):
 # ------------------------------------------------------------------ Pareto plot and its labels
 
 _RADII = (4, 10, 18, 28, 40)  # offsets tried for a label, in points, nearest first
+_REL = {"left": 0.0, "bottom": 0.0, "center": 0.5, "right": 1.0, "top": 1.0}
+_HA = {1: "left", -1: "right", 0: "center"}  # a label right of its point starts at its left
+_VA = {1: "bottom", -1: "top", 0: "center"}
 _DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
@@ -395,52 +434,136 @@ def _outside(box, frame) -> float:
     return box.width * box.height - inside
 
 
+def _crosses(a, b, c, d) -> bool:
+    """Whether the segments ``ab`` and ``cd`` cross."""
+    def side(p, q, r):
+        return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
+    return side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
+
+
+def _through(seg, box) -> bool:
+    """Whether a leader line passes through a box (sampled along it, away from its ends)."""
+    (x0, y0), (x1, y1) = seg
+    return any(box.contains(x0 + (x1 - x0) * t, y0 + (y1 - y0) * t)
+               for t in np.linspace(0.2, 0.9, 8))
+
+
+class _Layout:
+    """What a label must keep clear of, in display pixels: markers, whiskers, the other labels
+    and their leader lines; and the axes frame it must stay inside."""
+
+    def __init__(self, ax, points_px, marker_r):
+        from matplotlib.transforms import Bbox
+
+        self.frame = ax.get_window_extent()
+        self.markers = [Bbox.from_extents(x - marker_r, y - marker_r, x + marker_r, y + marker_r)
+                        for x, y in points_px]
+        self.whiskers = _whisker_boxes(ax)
+        self.labels, self.leaders = {}, {}
+
+    def cost(self, i, box, leader) -> float:
+        """Pixels covered (whiskers once, markers ten times, labels and the frame's edge fifty
+        times) plus a charge per crossing of a leader line: labels stay apart first."""
+        labels = [b for j, b in self.labels.items() if j != i]
+        leaders = [s for j, s in self.leaders.items() if j != i]
+        c = 50 * (_outside(box, self.frame) + sum(_overlap(box, b) for b in labels))
+        c += 10 * sum(_overlap(box, b) for b in self.markers)
+        c += sum(_overlap(box, b) for b in self.whiskers)
+        c += 1000 * sum(_through(s, box) for s in leaders)
+        if leader is not None:
+            c += 1000 * (sum(_crosses(*leader, *s) for s in leaders)
+                         + sum(_through(leader, b) for b in labels)
+                         + sum(_through(leader, b) for j, b in enumerate(self.markers) if j != i))
+        return c
+
+    def take(self, i, box, leader) -> None:
+        self.labels[i] = box.expanded(1.05, 1.1)
+        self.leaders.pop(i, None)
+        if leader is not None:
+            self.leaders[i] = leader
+
+
+def _candidates(point, size, dpi):
+    """``(offset in points, ha, va, box, leader)`` around a point, nearest first."""
+    from matplotlib.transforms import Bbox
+
+    w, h = size
+    for radius in _RADII:
+        for dx, dy in _DIRECTIONS:
+            offset = (dx * radius, dy * radius)
+            ax_, ay = point[0] + offset[0] * dpi / 72, point[1] + offset[1] * dpi / 72
+            x0, y0 = ax_ - w * (1 - dx) / 2, ay - h * (1 - dy) / 2
+            leader = (tuple(point), (ax_, ay)) if radius > _RADII[0] else None
+            yield (offset, _HA[dx], _VA[dy], Bbox.from_bounds(x0, y0, w, h), leader)
+
+
 def _place_labels(fig, ax, xy, texts, first=()) -> list:
-    """Annotate each point with its text where it overlaps no other label, marker or edge.
+    """Annotate each point with its text where it covers no other label, marker or whisker.
 
     Greedy: each label (points in ``first`` go first) takes the nearest offset around its point
-    whose box is free, else the least-covered one; a label pushed away gets a leader line.
+    that covers and crosses nothing, else the cheapest; then two more passes let each label move
+    now that it sees all the others. A label set off its point gets a leader line.
     """
-    from matplotlib.transforms import Bbox
+    from matplotlib.text import Text
 
     fig.draw_without_rendering()  # run the layout so the axes have their final place ...
     fig.set_layout_engine("none")  # ... and freeze it: moving axes would move the labels
     renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    r = 5 * fig.dpi / 72  # a marker's half-size in pixels
-    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
-             for px, py in ax.transData.transform(np.asarray(xy, dtype=float))]
-    placed = []
-    for i in sorted(range(len(xy)), key=lambda i: (i not in first, i)):
-        ann = ax.annotate(texts[i], xy[i], xytext=(0, 0), textcoords="offset points", fontsize=7)
-        best = None
-        for radius in _RADII:
-            for dx, dy in _DIRECTIONS:
-                ann.set_position((dx * radius, dy * radius))
-                ann.set_ha({1: "left", -1: "right", 0: "center"}[dx])
-                ann.set_va({1: "bottom", -1: "top", 0: "center"}[dy])
-                box = ann.get_window_extent(renderer)
-                cost = 10 * _outside(box, frame) + sum(_overlap(box, t) for t in taken)
+    px = ax.transData.transform(np.asarray(xy, dtype=float))
+    layout = _Layout(ax, px, 5 * fig.dpi / 72)
+    sizes = []
+    for t in texts:
+        probe = Text(0, 0, t, fontsize=7, figure=fig)
+        box = probe.get_window_extent(renderer)
+        sizes.append((box.width, box.height))
+    order = sorted(range(len(xy)), key=lambda i: (i not in first, i))
+    chosen = {}
+    for _ in range(3):
+        for i in order:
+            best = None
+            for cand in _candidates(px[i], sizes[i], fig.dpi):
+                cost = layout.cost(i, cand[3], cand[4])
                 if best is None or cost < best[0]:
-                    best = (cost, (dx * radius, dy * radius), ann.get_ha(), ann.get_va(), box)
-            if best[0] == 0:
-                break
-        ann.remove()
-        _, offset, ha, va, box = best
-        far = max(abs(offset[0]), abs(offset[1])) > _RADII[1]
-        placed.append(ax.annotate(
-            texts[i], xy[i], xytext=offset, textcoords="offset points", fontsize=7, ha=ha, va=va,
-            arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=4)
-            if far else None))
-        taken.append(box.expanded(1.05, 1.1))
-    return placed
+                    best = (cost, cand)
+                if cost == 0:
+                    break
+            chosen[i] = best[1]
+            layout.take(i, best[1][3], best[1][4])
+    return [_annotate(ax, xy[i], texts[i], *chosen[i][:3], chosen[i][4] is not None)
+            for i in order]
+
+
+def _annotate(ax, xy, text, offset, ha, va, leader: bool):
+    return ax.annotate(
+        text, xy, xytext=offset, textcoords="offset points", fontsize=7, ha=ha, va=va,
+        arrowprops=None if not leader else dict(
+            arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=4,
+            # from the text's corner or edge nearest the point, as the layout assumed
+            relpos=(_REL[ha], _REL[va])))
+
+
+def _whisker_boxes(ax) -> list:
+    """Display boxes of the error-bar segments (axis-aligned, so their boxes are exact)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            for seg in coll.get_segments():
+                (x0, y0), (x1, y1) = ax.transData.transform(np.asarray(seg, dtype=float))[[0, -1]]
+                boxes.append(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1) - 1,
+                                               max(x0, x1) + 1, max(y0, y1) + 1))
+    return boxes
 
 
 def _key_colors(keys) -> dict:
     from matplotlib import colormaps
 
-    if len(keys) <= 10:
-        return {k: colormaps["tab10"](j) for j, k in enumerate(keys)}
+    # tab10 without its red, which the worst group and nothing else wears
+    tab = [colormaps["tab10"](j) for j in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
+    if len(keys) <= len(tab):
+        return {k: tab[j] for j, k in enumerate(keys)}
     cmap = colormaps["viridis"]
     return {k: cmap(j / (len(keys) - 1)) for j, k in enumerate(keys)}
 
@@ -482,8 +605,8 @@ def pareto_plot(path, points, x: str, y: str, *, labels=None, errors=None, n_see
                                    [colors[color_by[i] if color_by is not None else None]
                                     for i in range(len(points))])
     f = sorted(front, key=lambda i: points[i][0])
-    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], color="tab:red", ls="--",
-            lw=1.2, zorder=2, label="Pareto front (ringed)")
+    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], color="black", ls="--",
+            lw=1.1, zorder=2, label="Pareto front (ringed)")
     handles, _ = ax.get_legend_handles_labels()
     if seeds_drawn is not None:
         from matplotlib.lines import Line2D
@@ -541,7 +664,7 @@ def plot_group_accuracy(rep: dict, path):
     intervals = (ci.get("intervals") or {}).get("group_accuracy")
     panel = Bars(
         categories=rep["group_names"], values={"accuracy": acc}, metric="accuracy",
-        ylabel="accuracy", counts=rep["group_count"], highlight=_worst(acc),
+        ylabel="accuracy", counts=rep["group_count"], highlight=_worst(acc), noun="groups",
         errors={"accuracy": intervals} if intervals else None,
         error_label=f"{round(100 * level)}% bootstrap interval" if level else None,
         reference=(rep["accuracy"], f"overall {rep['accuracy']:.3f}"),
