@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -112,7 +112,9 @@ def _markdown(rep: dict) -> str:
             undefined.append(key)
             continue
         arrow = "↑" if higher_is_better(key) else "↓"
-        lines.append(f"| {key} {arrow} | {_fmt(value)} |{col.cell(ci.get(key))}")
+        # no dash where no interval is computed (not a CI metric): only where it is undefined
+        cell = col.cell(ci.get(key)) if METRICS[key].ci else col.blank
+        lines.append(f"| {key} {arrow} | {_fmt(value)} |{cell}")
     lines += [""] + _group_table(rep, ci.get("group_accuracy"), col, undefined)
     notes = list(rep["notes"])
     if undefined:
@@ -139,6 +141,10 @@ class _Column:
     @property
     def sep(self) -> str:
         return "---|" if self.shown else ""
+
+    @property
+    def blank(self) -> str:
+        return "  |" if self.shown else ""
 
     def cell(self, interval) -> str:
         return f" {_fmt_ci(interval)} |" if self.shown else ""
@@ -318,63 +324,85 @@ def _auto_ylim(p: Bars) -> tuple[float, float]:
     return lo, hi if hi > lo else lo + 1.0
 
 
-def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> list:
-    """Bars, stubs for zero bars, whiskers and a value label above each bar; returns the
-    panel's legend handles."""
+_PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive")
+
+
+@dataclass
+class _Drawn:
+    """What a panel's bars drew: for its legend and its y limit."""
+
+    top: float
+    highlighted: bool = False
+    whiskers: bool = False
+    seeds: list = field(default_factory=list)
+
+
+def _draw_series(ax, p: Bars, j: int, slots, lo: float, span: float, rotate: bool,
+                 drawn: _Drawn) -> None:
+    """One series' bars (a stub for a zero bar), whiskers where due and each value on top."""
+    name = list(p.values)[j]
+    width = 0.8 / len(p.values)
+    vals = p.values[name]
+    errs = (p.errors or {}).get(name) or [None] * len(vals)
+    seeds = (p.n_seeds or {}).get(name)
+    for slot, i in enumerate(slots):
+        if i is None:
+            continue
+        x = slot + (j - (len(p.values) - 1) / 2) * width
+        v = vals[i]
+        if v is None:
+            ax.text(x, lo + 0.02 * span, "missing", rotation=90, ha="center", va="bottom",
+                    fontsize=6.5, color="gray")
+            continue
+        drawn.highlighted |= i == p.highlight
+        color = "tab:red" if i == p.highlight else _PALETTE[j % len(_PALETTE)]
+        _draw_bar(ax, x, v, width * 0.9, color, (p.hatches or {}).get(name), lo, span)
+        top = v
+        ci = _interval(v, errs[i])
+        if ci is not None and (seeds is None or seeds[i] >= 2):
+            ax.errorbar(x, v, yerr=[[max(v - ci[0], 0)], [max(ci[1] - v, 0)]],
+                        color="black", capsize=2, lw=0.8)
+            top, drawn.whiskers = max(v, ci[1]), True
+            drawn.seeds += [] if seeds is None else [seeds[i]]
+        _value_text(ax, x, top, v, rotate, 3 if len(p.values) == 1 else 2)
+        drawn.top = max(drawn.top, top)
+
+
+def _legend_handles(ax, p: Bars, drawn: _Drawn) -> list:
+    """Series (when several), the highlight, the reference line (drawn here) and whiskers."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    slots, note = _slots(p)
-    series = list(p.values)
-    width = 0.8 / len(series)
-    lo, hi = p.ylim if p.ylim is not None else _auto_ylim(p)
-    span = hi - lo
-    # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
-    rotate = 0.8 * fig_width / max(total_slots, 1) * width < 0.34
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
-    seeds_drawn, top_all, highlighted, whiskers = [], hi, False, False
-    for j, name in enumerate(series):
-        vals = p.values[name]
-        errs = (p.errors or {}).get(name) or [None] * len(vals)
-        seeds = (p.n_seeds or {}).get(name)
-        hatch = (p.hatches or {}).get(name)
-        for slot, i in enumerate(slots):
-            if i is None:
-                continue
-            x = slot + (j - (len(series) - 1) / 2) * width
-            v = vals[i]
-            if v is None:
-                ax.text(x, lo + 0.02 * span, "missing", rotation=90, ha="center", va="bottom",
-                        fontsize=6.5, color="gray")
-                continue
-            color = "tab:red" if i == p.highlight else palette[j % len(palette)]
-            highlighted |= i == p.highlight
-            _draw_bar(ax, x, v, width * 0.9, color, hatch, lo, span)
-            top = v
-            ci = _interval(v, errs[i])
-            if ci is not None and (seeds is None or seeds[i] >= 2):
-                ax.errorbar(x, v, yerr=[[max(v - ci[0], 0)], [max(ci[1] - v, 0)]],
-                            color="black", capsize=2, lw=0.8)
-                top, whiskers = max(v, ci[1]), True
-                if seeds is not None:
-                    seeds_drawn.append(seeds[i])
-            _value_text(ax, x, top, v, rotate, 3 if len(series) == 1 else 2)
-            top_all = max(top_all, top)
-    handles = [Patch(facecolor=palette[j % len(palette)], hatch=(p.hatches or {}).get(n),
-                     edgecolor="white", label=n) for j, n in enumerate(series)] \
-        if len(series) > 1 else []
-    if highlighted:
+    handles = [Patch(facecolor=_PALETTE[j % len(_PALETTE)], hatch=(p.hatches or {}).get(n),
+                     edgecolor="white", label=n) for j, n in enumerate(p.values)] \
+        if len(p.values) > 1 else []
+    if drawn.highlighted:
         handles.append(Patch(color="tab:red", label=p.highlight_label))
     if p.reference is not None:
         ax.axhline(p.reference[0], color="gray", ls="--", lw=1)
         handles.append(Line2D([], [], color="gray", ls="--", lw=1, label=p.reference[1]))
-    if whiskers:
+    if drawn.whiskers:
         handles.append(Line2D([], [], color="black", marker="|", ms=8, ls="none",
-                              label=_whisker_label(p.error_label, seeds_drawn)))
+                              label=_whisker_label(p.error_label, drawn.seeds)))
     elif p.n_seeds and p.errors:
         handles.append(Patch(alpha=0, label="1 seed: no error bars"))
+    return handles
+
+
+def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> list:
+    """Bars, stubs for zero bars, whiskers and a value label above each bar; returns the
+    panel's legend handles."""
+    slots, note = _slots(p)
+    lo, hi = p.ylim if p.ylim is not None else _auto_ylim(p)
+    span = hi - lo
+    # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
+    rotate = 0.8 * fig_width / max(total_slots, 1) * 0.8 / len(p.values) < 0.34
+    drawn = _Drawn(top=hi)
+    for j in range(len(p.values)):
+        _draw_series(ax, p, j, slots, lo, span, rotate, drawn)
+    handles = _legend_handles(ax, p, drawn)
     # headroom so the value labels sit inside the axes, above the highest whisker
-    ax.set_ylim(lo, top_all + span * (0.2 if rotate else 0.09))
+    ax.set_ylim(lo, drawn.top + span * (0.2 if rotate else 0.09))
     ax.set_xlim(-0.6, len(slots) - 0.4)
     many = len(slots) > 8 or max((len(str(c)) for c in p.categories), default=0) > 14
     ax.set_xticks(range(len(slots)), [_tick(p, i) for i in slots], fontsize=7,
@@ -416,7 +444,9 @@ def bar_plot(path, panels, title: str | None = None):
 
 # ------------------------------------------------------------------ Pareto plot and its labels
 
-_RADII = (4, 10, 18, 28, 40)  # offsets tried for a label, in points, nearest first
+# Offsets tried for a label, in points, nearest first; the first clears a marker's 5 pt
+# half-size and needs no leader line.
+_RADII = (6, 12, 20, 30, 42)
 _REL = {"left": 0.0, "bottom": 0.0, "center": 0.5, "right": 1.0, "top": 1.0}
 _HA = {1: "left", -1: "right", 0: "center"}  # a label right of its point starts at its left
 _VA = {1: "bottom", -1: "top", 0: "center"}
@@ -668,7 +698,8 @@ def plot_group_accuracy(rep: dict, path):
         errors={"accuracy": intervals} if intervals else None,
         error_label=f"{round(100 * level)}% bootstrap interval" if level else None,
         reference=(rep["accuracy"], f"overall {rep['accuracy']:.3f}"),
-        title=f"{rep['run']} ({rep['split']}): accuracy per group")
+        title=f"{rep['run']} ({rep['split']}): accuracy per group"
+              + ("; report.md lists them all" if len(acc) > MAX_BARS else ""))
     return bar_plot(path, panel)
 
 
@@ -756,10 +787,12 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
         raise ValueError("compare_runs needs at least one run directory")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
-    rows = []
+    rows, levels = [], set()
     for i, d in enumerate(run_dirs):
         rep = _run_metrics(d, split)
         intervals = (rep.get("ci") or {}).get("intervals") or {}
+        if intervals:
+            levels.add(rep["ci"]["level"])
         name = labels[i] if labels else rep.get("run") or Path(str(d)).name
         values = scalar_metrics(rep, (x, y))
         rows.append({"run": name, x: values.get(x), y: values.get(y),
@@ -779,7 +812,8 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
     pareto_plot(out / "pareto.png", [(r[x], r[y]) for r in rows], x, y,
                 labels=[r["run"] for r in rows],
                 errors=[(r[f"{x}_ci"], r[f"{y}_ci"]) for r in rows],
-                error_label="bootstrap interval", title=f"{len(rows)} runs, {split} split")
+                error_label=" / ".join(f"{round(100 * v)}%" for v in sorted(levels))
+                + " bootstrap interval", title=f"{len(rows)} runs, {split} split")
     return rows
 
 
