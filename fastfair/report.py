@@ -15,6 +15,10 @@ writes ``report.json`` (the :func:`fastfair.metrics.compute_metrics` dict, its `
 ``group_accuracy.png``. ``compare_runs`` reads each run's ``report.json`` of that split when
 present (for its intervals), else its predictions, and writes ``compare.json``, ``compare.md``
 and ``pareto.png``.
+
+Every plot of fastfair goes through :func:`bar_plot` (panels of grouped bars, :class:`Bars`)
+or :func:`pareto_plot` (a scatter with its Pareto front and labels placed without overlap);
+both draw on a bare Agg Figure and return it.
 """
 from __future__ import annotations
 
