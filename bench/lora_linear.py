@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -260,14 +261,19 @@ NOTES = ("alpha = 2r, training mode, x requires grad; forward = one forward, ful
 def _timing(args, on_gpu) -> Timing:
     if on_gpu:  # short: the do_bench samples of one shape agree to a few per cent
         return Timing(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    if args.smoke:
+        return Timing(cpu_warmup=1, cpu_reps=1, rounds=1, host_calls=5)
     return Timing(cpu_warmup=1, cpu_reps=args.cpu_reps, rounds=args.rounds, host_calls=50)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--batches", type=int, nargs="*", default=[256])
     ap.add_argument("--ranks", type=int, nargs="*", default=[16, 8, 64])
+    ap.add_argument("--full-ranks", type=int, nargs="*", default=[16],
+                    help="ranks compared with every provider under every runner; the others get the "
+                         "fastfair designs and the eager baselines only (lora_ranks), to fit a budget")
     ap.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1])
     ap.add_argument("--layers", nargs="*", default=None, help="a subset of qkv proj fc1 fc2")
     ap.add_argument("--providers", nargs="*", default=None, help="a subset of the provider names")
@@ -276,39 +282,70 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting shapes after this")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--warmup-ms", type=float, default=10.0)
-    ap.add_argument("--rep-ms", type=float, default=40.0)
+    ap.add_argument("--warmup-ms", type=float, default=5.0)
+    ap.add_argument("--rep-ms", type=float, default=25.0)
     ap.add_argument("--rounds", type=int, default=3, help="CPU: interleaved rounds per shape")
     ap.add_argument("--cpu-reps", type=int, default=5)
-    ap.add_argument("--no-overhead", action="store_true", help="skip the lora_overhead benchmark")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    ap.add_argument("--smoke", action="store_true", help="CPU, toy shapes, one sample: the script runs")
+    return ap
+
+
+RANKS_PROVIDERS = ("linear", "peft", "unsloth", "bnb_peft", "fastfair", "fastfair_int8")
+
+
+def _benchmarks(args, device, table):
+    """(benchmark, runners, modes, share of the budget): the full comparison at the target rank,
+    the dispatch evidence at the other ranks, and the per-layer host overhead."""
     on_gpu = device.type == "cuda"
+    cpu_note = "" if on_gpu else " CPU: toy shapes, reference path; says nothing of kernel speed."
+    if on_gpu:
+        full = gpu_shapes(args.models, args.batches, [r for r in args.ranks if r in args.full_ranks],
+                          args.dropouts, args.layers)
+        rest = gpu_shapes(args.models, args.batches, [r for r in args.ranks if r not in args.full_ranks],
+                          args.dropouts, args.layers)
+    else:
+        full, rest = cpu_shapes(), []
+    ranks_table = {k: v for k, v in table.items() if k.split("[")[0] in RANKS_PROVIDERS}
+    over_table = {k: v for k, v in table.items() if k in ("linear", "peft", "unsloth", "fastfair")}
+    out = [(Benchmark("lora_linear", full, table, BASELINES, make_inputs=_inputs, notes=NOTES + cpu_note,
+                      summarize=targets_table if on_gpu else None), args.runners, args.modes, 0.65)]
+    if rest:
+        out.append((Benchmark("lora_ranks", rest, ranks_table, BASELINES, make_inputs=_inputs,
+                              notes=NOTES + " Eager only: which design wins at each rank."),
+                    ["eager"], [m for m in args.modes if m != "memory"], 0.3))
+    out.append((Benchmark("lora_overhead", overhead_shapes(device), over_table, ("linear",),
+                          make_inputs=_inputs, notes=OVERHEAD_NOTES + cpu_note),
+                args.runners, ["host_forward", "host_full"], 0.05))
+    return out
+
+
+OVERHEAD_NOTES = ("Host time per layer call (µs) at a tiny shape, no synchronization inside the loop: "
+                  "the Python + launch cost a GPU waits on at small batch. cuda_graph rows: one replay "
+                  "of the captured call.")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    device = torch.device("cpu" if args.smoke else args.device)
     api = design_api()
     table = providers(device, api[0] if api else ())
     if args.providers:
         table = {k: v for k, v in table.items() if k in args.providers}
-    shapes = (gpu_shapes(args.models, args.batches, args.ranks, args.dropouts, args.layers) if on_gpu
-              else cpu_shapes())
     chosen = None
     if api and api[2] is not None:
         chosen = lambda s: api[2](M=s["M"], K=s["K"], N=s["N"], r=s["r"], p=s["p"], dtype=_dtype(device))  # noqa: E731
-    timing = _timing(args, on_gpu)
-    bench = Benchmark("lora_linear", shapes, table, BASELINES, make_inputs=_inputs,
-                      notes=NOTES + ("" if on_gpu else " CPU: toy shapes, reference path; says nothing of kernel speed."),
-                      summarize=targets_table if on_gpu else None)
-    md = run_benchmarks(bench, device, modes=args.modes, runners=args.runners, timing=timing,
-                        budget_s=args.budget_s, results_dir=args.results_dir,
-                        on_shape=lambda s, rows: print_choice(s, rows, chosen))
-    print(md.read_text() if not on_gpu else f"wrote {md}")
-    if not args.no_overhead:
-        over = {k: v for k, v in table.items() if k in ("linear", "peft", "unsloth", "fastfair")}
-        ob = Benchmark("lora_overhead", overhead_shapes(device), over, ("linear",), make_inputs=_inputs,
-                       notes="Host time per layer call (µs) at a tiny shape, no synchronization inside "
-                             "the loop: the Python + launch cost a GPU waits on at small batch. "
-                             "cuda_graph rows: one replay of the captured call.")
-        print(run_benchmarks(ob, device, modes=["host_forward", "host_full"], runners=args.runners,
-                             timing=timing, results_dir=args.results_dir).read_text())
+    timing = _timing(args, device.type == "cuda")
+    plan = _benchmarks(args, device, table)
+    start = time.monotonic()
+    for i, (bench, runners, modes, share) in enumerate(plan):
+        budget = None  # what is left, shared in proportion among the benchmarks still to run
+        if args.budget_s is not None:
+            left = sum(p[3] for p in plan[i:])
+            budget = max(args.budget_s - (time.monotonic() - start), 0.0) * share / left
+        show = None if bench.name == "lora_overhead" else (lambda s, rows: print_choice(s, rows, chosen))
+        md = run_benchmarks(bench, device, modes=modes, runners=runners, timing=timing, budget_s=budget,
+                            results_dir=args.results_dir, on_shape=show)
+        print(f"wrote {md}", flush=True)
     return 0
 
 
