@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     tag = device_tag(device)
     ctx = Context(smoke, results, tag, results / f"gpu_check-{tag}.log", args.budget_scale)
     ctx.log.write_text("")
+    # a fresh design cache, so the dispatcher measures on this device instead of reading an old
+    # choice; it is kept beside the results as the record of what it measured
+    os.environ["FASTFAIR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="fastfair-cache-")
     if (why := _fastfair_importable()) is not None:
         print(f"gpu_check: fastfair with its kernels is not importable ({why}); install it first "
               "(bench/README.md: 'On a GPU')", file=sys.stderr)
@@ -259,6 +262,8 @@ def main(argv=None) -> int:
             sec.status = f"FAILED: {type(e).__name__}: {e}"
         sec.seconds = time.monotonic() - t0
         print(f"== {sec.name}: {sec.status} ({sec.seconds:.0f} s)", flush=True)
+    for f in Path(cache).glob("*.json"):
+        (results / f"{f.stem}-{tag}.json").write_text(f.read_text())
     failed = any(s.status.startswith("FAILED") for s in sections)
     md = write_summary(ctx, env, sections, failed)
     print(md.read_text())

@@ -51,6 +51,11 @@ class Case:
     inputs: Sequence[torch.Tensor] = ()
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     note: str | None = None
+    runners: Sequence[str] | None = None  # a subset of the run's runners; None: all of them
+
+
+class NotApplicable(Exception):
+    """Raised by a set-up when its provider cannot run the shape (the reason becomes the row's note)."""
 
 
 @dataclass
@@ -301,12 +306,15 @@ def _prepare(bench, shape, inputs, device, modes, runners) -> list[_Slot]:
         base = {**shape, "provider": provider}
         try:
             case = setup(shape, inputs, device)
+        except NotApplicable as e:
+            slots.append(_Slot({**base, "note": f"n/a: {e}"}, "n/a"))
+            continue
         except Exception as e:  # a baseline that cannot run here is a result, not a crash
             slots.append(_Slot({**base, "note": f"set-up failed: {type(e).__name__}: {str(e)[:160]}"}, "error"))
             continue
         if case is None:  # the provider does not apply to this shape
             continue
-        for runner in runners:
+        for runner in (r for r in runners if case.runners is None or r in case.runners):
             for mode in modes:
                 build, unit, kind = MODES[mode]
                 row = {**base, "runner": runner, "mode": mode, "unit": unit, "note": case.note}
@@ -341,7 +349,7 @@ def _quantiles(samples: list[float]) -> dict:
     if len(samples) < 2:
         return {"median": samples[0]}
     q = statistics.quantiles(samples, n=10, method="inclusive")
-    return {"median": statistics.median(samples), "p20": q[1], "p80": q[7], "n": len(samples)}
+    return {"median": statistics.median(samples), "p20": q[1], "p80": q[7], "samples": len(samples)}
 
 
 def run_shape(bench, shape, device, modes, runners, timing: Timing) -> list[dict]:

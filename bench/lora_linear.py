@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RUNNERS, Benchmark, Case, Timing, run_benchmarks  # noqa: E402
+from harness import RUNNERS, Benchmark, Case, NotApplicable, Timing, run_benchmarks  # noqa: E402
 
 from fastfair.int8 import Int8Weight, dense_weight  # noqa: E402
 from fastfair.lora import LoRALinear  # noqa: E402
@@ -57,16 +57,34 @@ TARGETS = {
 BASELINES = ("linear", "peft", "peft_compile", "bnb_peft", "fastfair")
 
 
-# -- the op's design switch (from fastfair.ops.lora_triton; none of its globals is assigned) ----
-def design_api():
-    """(designs a benchmark may force, context manager forcing one, function naming the choice)
-    from the op, or None when this fastfair has no design-forcing API."""
-    from fastfair.ops import lora_triton as lt
+# -- the op's design switch: fastfair.ops.lora's force_design / design_for (no global assigned) --
+def forced_designs(device) -> list[tuple[str, str | None]]:
+    """Every (design, int8 mode) that can run on ``device`` at some shape (the op says which):
+    int8 mode None is the dense base. At a given shape a set-up may still find it not applicable."""
+    from fastfair.ops.lora import DESIGNS, INT8_MODES
+    from fastfair.ops.lora_design import why_not
 
-    force = getattr(lt, "force_design", None)
-    if force is None:
-        return None
-    return tuple(getattr(lt, "DESIGNS", ())), force, getattr(lt, "chosen_design", None)
+    probe = dict(M=256, K=64, N=64, r=8, p=0.0)
+    pairs = [(d, None) for d in DESIGNS] + [(d, m) for d in DESIGNS for m in INT8_MODES]
+    return [(d, m) for d, m in pairs if why_not(d, _problem(probe, device, m is not None), m) is None]
+
+
+def _problem(s: dict, device, int8: bool):
+    from fastfair.ops.lora_design import Problem
+
+    return Problem(s["M"], s["K"], s["N"], s["r"], _dtype(device), s["p"] > 0, int8, device.type)
+
+
+def chosen(s: dict, device) -> str:
+    """What the dispatcher runs at shape ``s`` (dense, int8), and how it decided."""
+    from fastfair.ops.lora import design_for
+
+    out = []
+    for int8 in (False, True):
+        c = design_for(s["M"], s["K"], s["N"], s["r"], dtype=_dtype(device), dropout=s["p"] > 0,
+                       int8=int8, device=device)
+        out.append(f"{'int8' if int8 else 'bf16'} {c.design}{'+' + c.int8 if c.int8 else ''} ({c.source})")
+    return ", ".join(out)
 
 
 # -- providers ---------------------------------------------------------------------------------------
@@ -146,16 +164,22 @@ def _unsloth(s, x, weight):
     return Case(lambda: CublasChain.apply(x, weight(), None, A, B, scale, s["p"]), [x, A, B])
 
 
-def _fastfair(base: nn.Module, s: dict, x, design=None) -> Case:
-    backend = "auto" if x.device.type == "cuda" else "torch"
-    layer = LoRALinear(base, r=s["r"], alpha=2 * s["r"], dropout=s["p"], backend=backend).to(x.device)
+def _fastfair(base: nn.Module, s: dict, x, forced=None) -> Case:
+    """``LoRALinear`` on ``base``; ``forced``: a (design, int8 mode) held for every timed call."""
+    if forced is not None:
+        from fastfair.ops.lora import force_design
+        from fastfair.ops.lora_design import why_not
+
+        if (why := why_not(*forced[:1], _problem(s, x.device, forced[1] is not None), forced[1])) is not None:
+            raise NotApplicable(why)
+    layer = LoRALinear(base, r=s["r"], alpha=2 * s["r"], dropout=s["p"]).to(x.device)
     with torch.no_grad():  # nonzero B, as after a step (the timing does not depend on it)
         for B in layer.lora_B.values():
             B.normal_(0, 0.02)
-    if design is None:
+    if forced is None:
         return _case(layer, x)
-    force = design_api()[1]
-    return _case(layer, x, context=lambda: force(design))
+    # forced designs: eager only (CUDA graphs are for what ships)
+    return _case(layer, x, context=lambda: force_design(*forced), runners=("eager",))
 
 
 def _dtype(device):
@@ -180,9 +204,12 @@ def providers(device: torch.device, designs=()) -> dict:
         "unsloth_int8": lambda s, x, d: _unsloth(s, x, _int8_weight(_int8_linear(s, d), x.dtype)),
         "fastfair_int8": lambda s, x, d: _fastfair(_int8_linear(s, d), s, x),
     }
-    for design in designs:
-        table[f"fastfair[{design}]"] = lambda s, x, d, k=design: _fastfair(_dense_linear(s, d, dt), s, x, k)
-        table[f"fastfair_int8[{design}]"] = lambda s, x, d, k=design: _fastfair(_int8_linear(s, d), s, x, k)
+    for design, mode in designs:
+        if mode is None:
+            table[f"fastfair[{design}]"] = lambda s, x, d, k=design: _fastfair(_dense_linear(s, d, dt), s, x, (k, None))
+        else:
+            table[f"fastfair_int8[{design}+{mode}]"] = (
+                lambda s, x, d, k=(design, mode): _fastfair(_int8_linear(s, d), s, x, k))
     return table
 
 
@@ -236,19 +263,17 @@ def targets_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 4 else "Targets: no row at the target shape was measured."
 
 
-def print_choice(shape, rows, chosen=None) -> None:
-    """One line per shape: the measured-fastest fastfair design, and what the dispatcher chose."""
-    ff = [r for r in rows if r["provider"].startswith("fastfair") and r.get("mode") == "full"
-          and r.get("runner") == "eager" and "median" in r]
+def print_choice(shape, rows, device) -> None:
+    """One line per shape: the fastest fastfair design measured here, and the dispatcher's choice."""
     best = {}
-    for r in ff:
-        fam = r["provider"].split("[")[0]
-        if fam not in best or r["median"] < best[fam]["median"]:
-            best[fam] = r
-    picked = "" if chosen is None else f"; dispatcher chose {chosen(shape)}"
-    fastest = ", ".join(f"{fam}: {r['provider']} {r['median']:.3g} ms" for fam, r in best.items())
+    for r in rows:
+        if r["provider"].startswith("fastfair") and (r.get("mode"), r.get("runner")) == ("full", "eager") and "median" in r:
+            fam = r["provider"].split("[")[0]
+            if fam not in best or r["median"] < best[fam]["median"]:
+                best[fam] = r
+    fastest = ", ".join(f"{r['provider']} {r['median']:.3g} ms" for r in best.values())
     print(f"[lora_linear] {shape['model']} {shape['layer']} b{shape['batch']} r{shape['r']} p{shape['p']}: "
-          f"fastest {fastest or 'n/a'}{picked}", flush=True)
+          f"fastest fwd+bwd {fastest or 'n/a'}; dispatcher: {chosen(shape, device)}", flush=True)
 
 
 NOTES = ("alpha = 2r, training mode, x requires grad; forward = one forward, full = forward + "
@@ -327,13 +352,9 @@ OVERHEAD_NOTES = ("Host time per layer call (µs) at a tiny shape, no synchroniz
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     device = torch.device("cpu" if args.smoke else args.device)
-    api = design_api()
-    table = providers(device, api[0] if api else ())
+    table = providers(device, forced_designs(device))
     if args.providers:
         table = {k: v for k, v in table.items() if k in args.providers}
-    chosen = None
-    if api and api[2] is not None:
-        chosen = lambda s: api[2](M=s["M"], K=s["K"], N=s["N"], r=s["r"], p=s["p"], dtype=_dtype(device))  # noqa: E731
     timing = _timing(args, device.type == "cuda")
     plan = _benchmarks(args, device, table)
     start = time.monotonic()
@@ -342,7 +363,7 @@ def main(argv=None) -> int:
         if args.budget_s is not None:
             left = sum(p[3] for p in plan[i:])
             budget = max(args.budget_s - (time.monotonic() - start), 0.0) * share / left
-        show = None if bench.name == "lora_overhead" else (lambda s, rows: print_choice(s, rows, chosen))
+        show = None if bench.name == "lora_overhead" else (lambda s, rows: print_choice(s, rows, device))
         md = run_benchmarks(bench, device, modes=modes, runners=runners, timing=timing, budget_s=budget,
                             results_dir=args.results_dir, on_shape=show)
         print(f"wrote {md}", flush=True)
