@@ -187,6 +187,9 @@ def _dtype(device):
 
 
 def _compiled(module: nn.Module, device):
+    # Every shape's module shares one forward code object: without a reset Dynamo would stop
+    # recompiling after its recompile limit and run later shapes eagerly, unannounced.
+    torch._dynamo.reset()
     # On the CPU the eager backend: Dynamo's tracing is exercised without a C++ build.
     return torch.compile(module, backend="inductor" if device.type == "cuda" else "eager")
 
