@@ -114,7 +114,7 @@ def _dense_linear(s, device, dtype):
 def _int8_linear(s, device):
     from fastfair.quant import to_int8_linear
 
-    return to_int8_linear(_dense_linear(s, "cpu", torch.float32)).to(device)
+    return to_int8_linear(_dense_linear(s, device, torch.float32))
 
 
 def _case(layer: nn.Module, x: torch.Tensor, **kw) -> Case:

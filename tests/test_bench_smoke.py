@@ -91,3 +91,26 @@ def test_gpu_check_cpu_smoke_writes_summary(tmp_path):
     rows = json.loads((tmp_path / "grouped_ce-cpu.json").read_text())["rows"]
     assert {r["provider"] for r in rows if "median" in r} >= {"pytorch", "fastfair", "copy"}
     assert "| grouped_ce | passed |" in (tmp_path / "gpu_check-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_unsloth_baseline_matches_the_reference(p):
+    """The cuBLAS-chain baseline computes the LoRA layer (a wrong baseline would flatter fastfair)."""
+    from lora_linear import CublasChain
+
+    from fastfair.ops.lora import lora_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    d = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, W, A, B = d(3, 5, 12), d(7, 12), d(4, 12), d(7, 4)
+    torch.manual_seed(1)
+    y = CublasChain.apply(x, W.detach(), None, A, B, 0.5, p)
+    torch.manual_seed(1)  # the same draw: the chain's keep-mask is rand >= p over x's rows
+    keep = (torch.rand(15, 12, dtype=torch.float64) >= p).view(x.shape)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, A, B), dy)
+    ref_y = lora_linear_reference(x, W.detach(), None, [A], [B], [0.5], [p], masks=[keep])
+    want = torch.autograd.grad(ref_y, (x, A, B), dy)
+    torch.testing.assert_close(y, ref_y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
