@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,13 +57,16 @@ def run_child(cmd: list[str], timeout: float, log: Path, env: dict | None = None
     print(f"$ {' '.join(cmd)}", flush=True)
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
+        # its own process group, so a timeout also ends what it started (accelerate's workers)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            out, rc = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc = None
+            out, _ = proc.communicate(timeout=max(timeout, 1))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            out, rc = (out or "") + f"\n[gpu_check: killed at its {timeout:.0f} s limit]\n", None
         f.write(out)
     print(out[-4000:], flush=True)
     return rc, out
@@ -91,17 +95,34 @@ def bench_section(script: str, gpu_args: list[str], smoke_args: list[str]):
         # the script stops starting shapes a margin before the hard limit, which kills it
         cmd = PY + [str(BENCH / script), "--results-dir", str(ctx.results),
                     "--budget-s", f"{max(limit * 0.8 - 15, 1):.0f}", *args]
+        started = time.time()
         rc, out = run_child(cmd, limit, ctx.log)
         sec.details["printed"] = [ln for ln in out.splitlines() if ln.startswith(f"[{Path(script).stem}]")]
-        written = sorted(p.name for p in ctx.results.glob(f"*-{ctx.tag}.json"))
+        written = sorted(p.name for p in ctx.results.glob(f"*-{ctx.tag}.json") if p.stat().st_mtime >= started)
         sec.details["results"] = written
-        if rc == 0:
+        errors = _errors(ctx.results, written)
+        sec.details.update(errors)
+        if errors["fastfair_errors"]:  # fastfair failing where a baseline runs is a bug, not a number
+            sec.status = f"FAILED: fastfair raised in {len(errors['fastfair_errors'])} row(s)"
+        elif rc == 0:
             sec.status = "passed"
         elif rc is None:  # what it measured before the limit is on disk
             sec.status = "partial: hit its time limit" if written else "FAILED: timed out before any result"
         else:
             sec.status = f"FAILED: rc {rc}"
     return run
+
+
+def _errors(results: Path, files: list[str]) -> dict:
+    """Rows whose provider raised (set-up, capture or timing), fastfair's apart from the baselines'."""
+    out = {"fastfair_errors": [], "baseline_errors": []}
+    for name in files:
+        for row in json.loads((results / name).read_text()).get("rows", []):
+            note = row.get("note") or ""
+            if "median" not in row and note and not note.startswith("n/a"):
+                key = "fastfair_errors" if row["provider"].startswith("fastfair") else "baseline_errors"
+                out[key].append(f"{name}: {row['provider']} {row.get('runner', '')} {row.get('mode', '')}: {note}")
+    return out
 
 
 FSDP_TOL = 1e-3  # relative L2 distance between the two adapters
@@ -211,6 +232,9 @@ def write_summary(ctx, env: dict, sections: list[Section], failed: bool) -> Path
         for key in ("summary", "distributed_type", "rel_l2_adapter_diff"):
             if key in s.details:
                 lines.append(f"\n{s.name} {key}: {s.details[key]}")
+        for key in ("fastfair_errors", "baseline_errors"):
+            if s.details.get(key):
+                lines += ["", f"{s.name} {key}:", "", *[f"- {e}" for e in s.details[key][:20]]]
         if s.details.get("printed"):
             lines += ["", f"{s.name}:", "", "```", *s.details["printed"], "```"]
     md = stem.with_suffix(".md")
