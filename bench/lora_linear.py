@@ -11,8 +11,8 @@ base, forward and forward+backward, eager and under CUDA graphs. Providers in th
   bnb_peft         bitsandbytes ``Linear8bitLt`` + peft (int8 base)
   unsloth_int8     dequantize the int8 weight, then the cuBLAS chain
   fastfair         ``LoRALinear`` as shipped: the dispatcher picks the design
-  fastfair[<d>]    each design forced through the op's own switch (never a module global)
-  fastfair_int8    the same on the int8 base
+  fastfair[<d>]    each design forced with ``fastfair.ops.lora.force_design`` (eager only)
+  fastfair_int8    the same on the int8 base; ``fastfair_int8[<d>+<int8 mode>]`` forced
 
 Shapes are ordered most important first (ViT-B, batch 256, r = 16: the issue's targets), so a
 run stopped by ``--budget-s`` has measured what matters. ``lora_overhead`` is the per-layer host
