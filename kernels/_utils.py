@@ -1,6 +1,7 @@
 """Helpers shared by the kernels' launchers; no Triton import, nothing from ``fastfair``."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,3 +40,10 @@ def tf32_allowed() -> bool:
     if prec is not None:
         return prec == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def on_device(device: torch.device):
+    """Launch on ``device``, not the current one (tensors on cuda:1 while cuda:0 is current)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

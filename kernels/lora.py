@@ -36,9 +36,10 @@ def _keep(seed, rows, cols, K, adapter, p):
     return tl.rand(seed, offs) >= p
 
 
-@triton.jit(do_not_specialize=["seed", "adapter"])
-def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
+@triton.jit(do_not_specialize=["adapter"])
+def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, adapter, p,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep(seed, rm, rk, K, adapter, p)
@@ -46,9 +47,9 @@ def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
     tl.store(ptrs, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["adapter", "start", "rank"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, out_ptr, seed, coef, p, adapter, start, rank, M, K,
+    x_ptr, a_ptr, out_ptr, seed_ptr, coef, p, adapter, start, rank, M, K,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -61,6 +62,8 @@ def _lora_down_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + (start + rr).to(tl.int64)[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
         k_ok = rk < K
@@ -76,11 +79,11 @@ def _lora_down_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_gemm_kernel(
     p_ptr, q_ptr, c_ptr, l_ptr, u_ptr, bias_ptr, col_scale_ptr, row_scale_ptr,
     adapter_offs_ptr, adapter_p_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
-    seed, M, N, K, R, n_adapters, M_KEY,
+    seed_ptr, M, N, K, R, n_adapters, M_KEY,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_vk, stride_vr,
     stride_sm, stride_sr, stride_dbk, stride_dbr,
@@ -167,6 +170,8 @@ def _lora_gemm_kernel(
                 tl.store(l_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr_all[None, :] * stride_lr,
                          lval, mask=m_ok[:, None] & r_all_ok[None, :])
 
+    if MASKED:
+        seed = tl.load(seed_ptr)
     if HAS_LORA:
         u_cols = u_ptr + rn.to(tl.int64)[None, :] * stride_un
         if DOWN:
@@ -215,9 +220,9 @@ def _lora_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["adapter", "start", "rank"])
 def _lora_dA_kernel(
-    g_ptr, x_ptr, out_ptr, seed, p, adapter, start, rank, M, K, rows_per_split,
+    g_ptr, x_ptr, out_ptr, seed_ptr, p, adapter, start, rank, M, K, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -230,6 +235,7 @@ def _lora_dA_kernel(
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
@@ -298,11 +304,22 @@ def _precision(dtype: torch.dtype) -> str:
 
 # -- launchers (thin: checks are done by the caller in fastfair.ops.lora_triton) ------------------
 
-def dropout_mask(seed: int, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The kernels read their Philox seed from device memory (int64 [1]), so a seed drawn on the
+    device never travels to the host (no ``.item()``, no graph break). Ints are for tests."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
     """The keep-mask (bool [M, K]) that the kernels draw for adapter ``adapter`` with ``seed``."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-    _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=32, BLOCK_K=32)
+    seed = seed_tensor(seed, device)
+    block = 128 if _utils.interpreting() else 32  # a mask does not depend on the tiling
+    grid = (triton.cdiv(M, block), triton.cdiv(K, block))
+    with _utils.on_device(out.device):
+        _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=block, BLOCK_K=block)
     return out.bool()
 
 
@@ -312,17 +329,19 @@ def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> 
     block_r = _block_r(rank)
     block_m, block_k, warps = (32, 32, 4) if _utils.interpreting() else (64, 64, 4)
     grid = (triton.cdiv(M, block_m), triton.cdiv(rank, block_r))
-    _lora_down_kernel[grid](
-        x, A, out, seed, float(coef), float(p), adapter, start, rank, M, K,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-        DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
-    )
+    with _utils.on_device(x.device):
+        _lora_down_kernel[grid](
+            x, A, out, seed_tensor(seed, x.device) if dropout else None, float(coef), float(p), adapter,
+            start, rank, M, K,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+            DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+        )
 
 
 def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool = False,
               bias=None, col_scale=None, row_scale=None, base: bool = True, accumulate: bool = False,
-              adapter_offs=None, adapter_p=None, n_adapters: int = 0, seed: int = 0,
+              adapter_offs=None, adapter_p=None, n_adapters: int = 0, seed=None,
               V=None, v_transposed: bool = False, l_coef=None, store_l: bool = False,
               dB=None, S=None) -> None:
     """``C (+)= P·op(Q) [·col_scale] (+ bias) + Σ_g keep_g ⊙ (L_g op(U)_g)``.
@@ -372,7 +391,7 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     args = (
         P, Q, C, L, U, bias, col_scale, row_scale, adapter_offs if masked else None,
         adapter_p if masked else None, V, l_coef, dB, S,
-        seed, M, N, K, R, n_adapters, triton.next_power_of_2(M),
+        seed_tensor(seed, P.device) if masked else None, M, N, K, R, n_adapters, _utils.pow2(M),
         P.stride(0), P.stride(1), sqk, sqn, C.stride(0), C.stride(1),
         slm, slr, sur, sun, svk, svr, ssm, ssr, sdk, sdr,
     )
@@ -384,11 +403,13 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     )
     if not _utils.interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        (_lora_gemm_tuned_db if dB is not None else _lora_gemm_tuned)[grid](*args, **flags)
+        with _utils.on_device(P.device):
+            (_lora_gemm_tuned_db if dB is not None else _lora_gemm_tuned)[grid](*args, **flags)
         return
     meta = _fixed_gemm_meta(P.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](*args, **flags, **meta)
+    with _utils.on_device(P.device):
+        _lora_gemm_kernel[grid](*args, **flags, **meta)
 
 
 def _dA_plan(M: int, K: int, rank: int, device) -> tuple[int, int, int, int, int, int]:
@@ -414,9 +435,10 @@ def lora_dA_partial(g, x, out, seed, p, adapter, start, rank) -> None:
     M, K = x.shape
     block_m, block_k, block_r, warps, splits, rows = _dA_plan(M, K, rank, x.device)
     grid = (triton.cdiv(K, block_k), splits, triton.cdiv(rank, block_r))
-    _lora_dA_kernel[grid](
-        g, x, out, seed, float(p), adapter, start, rank, M, K, rows,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=warps,
-    )
+    with _utils.on_device(x.device):
+        _lora_dA_kernel[grid](
+            g, x, out, seed_tensor(seed, x.device), float(p), adapter, start, rank, M, K, rows,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=warps,
+        )

@@ -32,7 +32,7 @@ def _poison_and_seed(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(_utils, "alloc", nan_alloc)
-    monkeypatch.setattr(lt, "_draw_seed", lambda: SEED)
+    monkeypatch.setattr(lt, "_draw_seed", lambda device: SEED)
 
 
 def force(monkeypatch, design=None, int8=None):

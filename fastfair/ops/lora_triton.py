@@ -33,9 +33,10 @@ MAX_RANK = tiles.MAX_RANK
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _draw_seed() -> int:
-    # The CPU generator: a host value, so drawing it never waits for the GPU.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh Philox seed on ``device`` from its generator: the kernels load it, so it never
+    travels to the host (no ``.item()``, no sync, nothing for torch.compile to break on)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def loop_plan(design: str, R: int, dropout: bool) -> tuple[bool, bool]:
@@ -135,7 +136,7 @@ class _Plan:
     coefs: tuple  # c_a = s_a / (1 - p_a) when dropout is on, else s_a
     ps: tuple
     dropout: bool  # training and some p_a > 0
-    seed: int
+    seed: torch.Tensor | None  # int64 [1] on x's device, read by the kernels
     int8: str  # "dequant" | "inloop"
     design: str  # "cublas" | "fused" | "fused_inloop"
 
@@ -325,7 +326,7 @@ def lora_linear_triton(
         coefs=tuple(float(s) / (1.0 - p) if drop and p > 0 else float(s) for s, p in zip(scales, dropout)),
         ps=tuple(float(p) if drop else 0.0 for p in dropout),
         dropout=drop,
-        seed=_draw_seed() if drop else 0,
+        seed=_draw_seed(x.device) if drop else None,
         int8=int8,
         design=design,
     )
@@ -334,3 +335,52 @@ def lora_linear_triton(
     else:
         w, scb = weight, None
     return LoRALinearFunction.apply(x, w, scb, bias, plan, *lora_A, *lora_B)
+
+
+# -- the CUDA kernels of the fastfair::lora_linear custom ops (torch.compile's path) -------------
+class _Ctx:
+    """Stands in for autograd's ctx so the ops reuse LoRALinearFunction's forward and backward."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _op_plan(lora_A, scales, dropout, seed, design, int8_mode) -> _Plan:
+    drop = seed is not None and any(p > 0 for p in dropout)
+    starts = [0]
+    for A in lora_A:
+        starts.append(starts[-1] + A.shape[0])
+    return _Plan(starts=tuple(starts), coefs=tuple(float(s) / (1.0 - p) if p > 0 else float(s)
+                                                   for s, p in zip(scales, dropout)),
+                 ps=tuple(float(p) for p in dropout), dropout=drop, seed=seed if drop else None,
+                 int8=int8_mode, design=design)
+
+
+def op_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode):
+    """``(y, xa_s, no masks)``: the Triton kernels redraw their masks from ``seed`` in backward."""
+    plan = _op_plan(lora_A, scales, dropout, seed, design, int8_mode)
+    ctx = _Ctx()
+    y = LoRALinearFunction.forward(ctx, x, weight, weight_scale, bias, plan, *lora_A, *lora_B)
+    xa = ctx.saved_tensors[5]
+    M = y.numel() // max(y.shape[-1], 1)
+    xa = x.new_empty((M, 0)) if xa is None else xa
+    K = x.shape[-1]
+    return y, xa, x.new_empty((0, M, (K + 7) // 8), dtype=torch.uint8)
+
+
+def op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, seed, scales, dropout, design, int8_mode, needs):
+    """``(dx, dbias fp32, dA, dB)`` as ``fastfair::lora_linear_backward`` returns them."""
+    n, dt = len(lora_A), x.dtype
+    ctx = _Ctx()
+    ctx.plan = _op_plan(lora_A, scales, dropout, seed, design, int8_mode)
+    ctx.x_shape, ctx.bias_dtype = x.shape, torch.float32
+    ctx.ab_dtypes = [t.dtype for t in (*lora_A, *lora_B)]
+    # needs_input_grad in the Function's argument order: x, w, scb, bias, plan, *A, *B
+    ctx.needs_input_grad = (needs[0], False, False, needs[1], False, *needs[2:])
+    A_cat = _stack(lora_A, dt, 0) if n else None
+    B_cat = _stack(lora_B, dt, 1) if n else None
+    ctx.saved_tensors = (x.reshape(-1, x.shape[-1]), weight, weight_scale, A_cat, B_cat,
+                         xa if xa.shape[1] else None)
+    dx, _, _, dbias, _, *grads = LoRALinearFunction.backward(ctx, dy)
+    fill = lambda t: x.new_empty(0) if t is None else t  # noqa: E731  (returns may not alias)
+    return fill(dx), fill(dbias), [fill(t) for t in grads[:n]], [fill(t) for t in grads[n:]]

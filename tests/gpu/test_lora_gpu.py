@@ -19,7 +19,7 @@ VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N): qkv, proj
 
 @pytest.fixture(autouse=True)
 def _pin_seed(monkeypatch):
-    monkeypatch.setattr(lt, "_draw_seed", lambda: SEED)
+    monkeypatch.setattr(lt, "_draw_seed", lambda device: SEED)
     monkeypatch.setattr(_utils, "alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
 
 
