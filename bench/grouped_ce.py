@@ -2,10 +2,11 @@
 
 ``python bench/grouped_ce.py`` on CUDA: N ∈ {4k, 64k} × C ∈ {2, 1000, 32k, 128k}, bf16 logits,
 forward and forward+backward of ``FairnessLoss`` (Triton) against, in the same run,
-``F.cross_entropy(reduction="none") + scatter_add + variance`` in PyTorch and, when installed,
-liger-kernel's cross-entropy with the same scatter and penalty. Reports median ms, achieved
-GB/s as a fraction of a measured device-to-device copy, and peak memory above the inputs.
-On the CPU it runs one tiny shape through the reference path so the script cannot rot.
+``F.cross_entropy(reduction="none") + scatter_add + variance`` in PyTorch, liger-kernel's
+cross-entropy with the same scatter and penalty when installed, and a device-to-device copy of the
+logits (``x_copy``: time over one read and one write of the logits). Reports median ms, ratios
+and peak memory above the inputs. On the CPU it runs one tiny shape through the reference path so
+the script cannot rot.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, peak_memory_mb, time_ms, write_results  # noqa: E402
+from harness import Benchmark, Case, Timing, run_benchmarks  # noqa: E402
 
 from fastfair.losses import FairnessLoss  # noqa: E402
 
@@ -54,96 +55,68 @@ def liger_baseline():
     return fn
 
 
-def measure(name, fn, x, y, g, device, bytes_fwd, copy_gbs, logit_bytes):
-    rows = []
-    for mode in ("fwd", "fwd+bwd"):
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    return fn(x, y, g)
-            moved = bytes_fwd
-        else:
-            xg = x.detach().requires_grad_()
+def _inputs(shape, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    N, C = shape["N"], shape["C"]
+    x = torch.randn(N, C, device=device, generator=gen, dtype=_dtype(device)).requires_grad_()
+    return (x, torch.randint(0, C, (N,), device=device, generator=gen),
+            torch.randint(0, G, (N,), device=device, generator=gen))
 
-            def run():
-                return torch.autograd.grad(fn(xg, y, g), xg)
-            moved = 3 * bytes_fwd  # read in forward, read and write in backward
-        try:
-            ms = time_ms(run, device)
-            mem = peak_memory_mb(run, device)
-        except torch.OutOfMemoryError:
-            rows.append(dict(impl=name, mode=mode, ms="OOM"))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        row = dict(impl=name, mode=mode, ms=ms, GBps=moved / ms / 1e6)
-        if copy_gbs:
-            row["frac_copy_bw"] = row["GBps"] / copy_gbs
-        if mem is not None:
-            row["extra_MB"] = mem
-            row["extra_pct_logits"] = 100 * mem * 2**20 / logit_bytes
-        rows.append(row)
-    return rows
+
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _loss_case(fn):
+    def setup(shape, inputs, device):
+        x, y, g = inputs
+        return Case(lambda: fn(x, y, g), [x])
+    return setup
+
+
+def _fastfair(shape, inputs, device):
+    backend = "triton" if device.type == "cuda" else "torch"
+    loss = FairnessLoss(G, lam=1.0, backend=backend).to(device)
+    x, y, g = inputs
+    return Case(lambda: loss(x, y, g).loss, [x])
+
+
+def _copy(shape, inputs, device):
+    x = inputs[0].detach()
+    dst = torch.empty_like(x)
+    return Case(lambda: dst.copy_(x), note="the bandwidth reference: one read + one write of the logits, in every mode")
+
+
+def providers() -> dict:
+    table = {"pytorch": _loss_case(pytorch_baseline), "fastfair": _fastfair, "copy": _copy}
+    if (liger := liger_baseline()) is not None:
+        table["liger"] = _loss_case(liger)
+    return table
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="*", default=None)
     ap.add_argument("--c", type=int, nargs="*", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU, the tiny shape: the script runs")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        ns, cs, dtype = args.n or [4096, 65536], args.c or [2, 1000, 32768, 131072], torch.bfloat16
-        impls = {"fastfair": FairnessLoss(G, lam=1.0, backend="triton").to(device),
-                 "pytorch": pytorch_baseline}
-        if (liger := liger_baseline()) is not None:
-            impls["liger"] = liger
-    else:  # only so the script cannot rot: CPU times say nothing about the kernels
-        ns, cs, dtype = args.n or [64], args.c or [100], torch.float32
-        impls = {"fastfair-reference": FairnessLoss(G, lam=1.0, backend="torch"),
-                 "pytorch": pytorch_baseline}
-
-    rows = []
-    for N in ns:
-        for C in cs:
-            gen = torch.Generator(device=device).manual_seed(0)
-            try:
-                x = torch.randn(N, C, device=device, generator=gen, dtype=dtype)
-            except torch.OutOfMemoryError:
-                rows.append(dict(N=N, C=C, impl="all", ms="OOM (logits)"))
-                continue
-            y = torch.randint(0, C, (N,), device=device, generator=gen)
-            g = torch.randint(0, G, (N,), device=device, generator=gen)
-            logit_bytes = x.numel() * x.element_size()
-            copy_gbs = None
-            if device.type == "cuda":
-                dst = torch.empty_like(x)
-                copy_gbs = 2 * logit_bytes / time_ms(lambda: dst.copy_(x), device) / 1e6
-                del dst
-            bytes_fwd = logit_bytes + N * (y.element_size() + g.element_size() + 8)
-            per_shape = []
-            for name, fn in impls.items():
-                call = (lambda f: (lambda a, b, c: f(a, b, c).loss))(fn) if isinstance(fn, FairnessLoss) else fn
-                per_shape += measure(name, call, x, y, g, device, bytes_fwd, copy_gbs, logit_bytes)
-            for r in per_shape:
-                base = next((b for b in per_shape if b["impl"] == "pytorch" and b["mode"] == r["mode"]), None)
-                if base and isinstance(base.get("ms"), float) and isinstance(r.get("ms"), float):
-                    r["speedup_vs_pytorch"] = base["ms"] / r["ms"]
-                rows.append(dict(N=N, C=C, dtype=str(dtype).replace("torch.", ""),
-                                 copy_GBps=copy_gbs, **r))
-            del x
-
-    cols = ["N", "C", "dtype", "impl", "mode", "ms", "speedup_vs_pytorch", "GBps",
-            "copy_GBps", "frac_copy_bw", "extra_MB", "extra_pct_logits"]
-    notes = ("FairnessLoss(penalty='variance', G=8) vs F.cross_entropy(reduction='none') + "
-             "scatter_add + variance in PyTorch (and liger-kernel's cross-entropy when installed). "
-             "GB/s counts the logits read once (fwd) or read twice and written once (fwd+bwd); "
-             "frac_copy_bw is against a measured device-to-device copy of the logits; extra_MB is "
-             "peak memory above what was allocated before the call (fwd+bwd includes the gradient).")
-    if device.type != "cuda":
-        notes += (" CPU run: one tiny shape through the reference path, so that the script cannot "
-                  "rot; its times (on a shared machine) say nothing about the kernels.")
-    md = write_results("grouped_ce", environment(device), rows, cols, notes)
+    device = torch.device("cpu" if args.smoke else args.device)
+    on_gpu = device.type == "cuda"
+    ns = args.n or ([65536, 4096] if on_gpu else [64])
+    cs = args.c or ([1000, 2, 32768, 131072] if on_gpu else [100])
+    notes = ("FairnessLoss(penalty='variance', G=8) against F.cross_entropy(reduction='none') + "
+             "scatter_add + variance in PyTorch (and liger-kernel's cross-entropy when installed); "
+             "full = forward + the logits' gradient; memory = peak above what was allocated before.")
+    if not on_gpu:
+        notes += " CPU: one tiny shape, reference path; says nothing about the kernels."
+    bench = Benchmark("grouped_ce", [dict(N=n, C=c) for n in ns for c in cs], providers(),
+                      ("pytorch", "copy"), modes=("forward", "full", "memory"), make_inputs=_inputs,
+                      notes=notes)
+    timing = Timing(warmup_ms=10, rep_ms=40) if on_gpu else Timing(cpu_warmup=1, cpu_reps=3)
+    md = run_benchmarks(bench, device, timing=timing, budget_s=args.budget_s, results_dir=args.results_dir)
     print(md.read_text())
     return 0
 

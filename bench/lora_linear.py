@@ -1,41 +1,93 @@
-"""Microbenchmark: one LoRA linear layer, fastfair's fused designs vs what a user would run instead.
+"""Microbenchmark: one LoRA linear layer, fastfair against what a user would run instead.
 
 ``python bench/lora_linear.py`` on CUDA: ViT-B/16 and ViT-L/14 layer shapes (qkv, proj, fc1, fc2;
-M = batch × 197 tokens, batch 64 and 256), r ∈ {8, 16, 64}, forward and forward+backward, bf16
-base and int8 base. In the same run: a frozen ``nn.Linear`` (input gradient only), HF peft's LoRA
-``Linear``, bitsandbytes ``Linear8bitLt`` + peft, and fastfair's design (a) fused GEMM with the
-down-projection in its loop ("fused-split": as separate passes), (b) cuBLAS + in-place low-rank
-update, and the per-shape choice it ships ("auto"); int8 base both as (i) dequantize + GEMM and
-(ii) int8 loads inside the fused GEMM. Reports median ms, TFLOP/s of each
-implementation's useful FLOPs, ratios to ``nn.Linear`` and to peft, peak memory, weight memory and
-whether each issue-3 target is met. On the CPU it runs one tiny shape through the reference path
-so the script cannot rot (the Triton interpreter is no benchmark).
+M = batch × 197 tokens), batch 256, r ∈ {8, 16, 64}, dropout 0 and 0.1, a bf16 base and an int8
+base, forward and forward+backward, eager and under CUDA graphs. Providers in the same run:
+
+  linear           frozen ``nn.Linear`` (input gradient only): the floor
+  peft             HF peft's LoRA ``Linear``, eager
+  peft_compile     the same under ``torch.compile`` (what peft users do today, peft#1199)
+  unsloth          the cuBLAS chain: ``x·Wᵀ``, then ``addmm`` of ``(x·Aᵀ)·Bᵀ``, and likewise back
+  bnb_peft         bitsandbytes ``Linear8bitLt`` + peft (int8 base)
+  unsloth_int8     dequantize the int8 weight, then the cuBLAS chain
+  fastfair         ``LoRALinear`` as shipped: the dispatcher picks the design
+  fastfair[<d>]    each design forced with ``fastfair.ops.lora.force_design`` (eager only)
+  fastfair_int8    the same on the int8 base; ``fastfair_int8[<d>+<int8 mode>]`` forced
+
+Shapes are ordered most important first (ViT-B, batch 256, r = 16: the issue's targets), so a
+run stopped by ``--budget-s`` has measured what matters. ``lora_overhead`` is the per-layer host
+(Python + launch) cost at a tiny shape: the row the "≤ 40 µs forward" target reads.
+
+On the CPU it runs toy shapes through the PyTorch reference path (``torch.compile`` with the
+``eager`` backend), only so the script cannot rot: those numbers say nothing of kernel speed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, peak_memory_mb, time_ms, write_results  # noqa: E402
+from harness import RUNNERS, Benchmark, Case, NotApplicable, Timing, run_benchmarks  # noqa: E402
 
+from fastfair.int8 import Int8Weight, dense_weight  # noqa: E402
 from fastfair.lora import LoRALinear  # noqa: E402
-from fastfair.ops import lora_triton as lt  # noqa: E402
 
-MODELS = {  # name: (hidden K, [(layer, in, out)])
+MODELS = {  # name: [(layer, in K, out N)]
     "vit_b16": [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768)],
     "vit_l14": [("qkv", 1024, 3072), ("proj", 1024, 1024), ("fc1", 1024, 4096), ("fc2", 4096, 1024)],
 }
 TOKENS = 197
-# Targets of issue 3 (H100, bf16, ViT-B, batch 256): time ratios; "≥" ones are speedups.
-TARGETS = {"fwd_vs_linear": 1.10, "fwdbwd_vs_linear": 1.15, "vs_peft": 1.5,
-           "int8_vs_ff_bf16": 1.2, "int8_vs_bnb_peft": 3.0}
+# issue 16's targets (H100/H200, bf16, ViT-B batch 256, r = 16): the largest allowed time ratio
+TARGETS = {
+    ("fastfair", "forward", "x_linear", 0.0): 1.10,
+    ("fastfair", "full", "x_linear", 0.0): 1.15,
+    ("fastfair", "full", "x_linear", 0.1): 1.30,
+    ("fastfair", "full", "x_peft", None): 1 / 1.5,
+    ("fastfair", "full", "x_peft_compile", None): 1 / 1.2,
+    ("fastfair_int8", "full", "x_fastfair", None): 1.2,
+    ("fastfair_int8", "full", "x_bnb_peft", None): 1 / 3.0,
+}
+BASELINES = ("linear", "peft", "peft_compile", "bnb_peft", "fastfair")
 
 
+# -- the op's design switch: fastfair.ops.lora's force_design / design_for (no global assigned) --
+def forced_designs(device) -> list[tuple[str, str | None]]:
+    """Every (design, int8 mode) that can run on ``device`` at some shape (the op says which):
+    int8 mode None is the dense base. At a given shape a set-up may still find it not applicable."""
+    from fastfair.ops.lora import DESIGNS, INT8_MODES
+    from fastfair.ops.lora_design import why_not
+
+    probe = dict(M=256, K=64, N=64, r=8, p=0.0)
+    pairs = [(d, None) for d in DESIGNS] + [(d, m) for d in DESIGNS for m in INT8_MODES]
+    return [(d, m) for d, m in pairs if why_not(d, _problem(probe, device, m is not None), m) is None]
+
+
+def _problem(s: dict, device, int8: bool):
+    from fastfair.ops.lora_design import Problem
+
+    return Problem(s["M"], s["K"], s["N"], s["r"], _dtype(device), s["p"] > 0, int8, device.type)
+
+
+def chosen(s: dict, device) -> str:
+    """What the dispatcher runs at shape ``s`` (dense, int8), and how it decided."""
+    from fastfair.ops.lora import design_for
+
+    out = []
+    for int8 in (False, True):
+        c = design_for(s["M"], s["K"], s["N"], s["r"], dtype=_dtype(device), dropout=s["p"] > 0,
+                       int8=int8, device=device)
+        out.append(f"{'int8' if int8 else 'bf16'} {c.design}{'+' + c.int8 if c.int8 else ''} ({c.source})")
+    return ", ".join(out)
+
+
+# -- providers ---------------------------------------------------------------------------------------
 class One(nn.Module):
     """A one-layer model so peft can target the layer by name."""
 
@@ -47,214 +99,277 @@ class One(nn.Module):
         return self.proj(x)
 
 
-def peft_layer(base: nn.Module, r: int, dropout: float) -> nn.Module:
+def _peft(base: nn.Module, s: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"])
-    return get_peft_model(One(base), cfg)
+    return get_peft_model(One(base), LoraConfig(r=s["r"], lora_alpha=2 * s["r"], lora_dropout=s["p"],
+                                                target_modules=["proj"]))
 
 
-def fastfair_layer(base: nn.Module, r: int, dropout: float, backend: str) -> nn.Module:
-    m = LoRALinear(base, r=r, alpha=2 * r, dropout=dropout, backend=backend)
-    with torch.no_grad():  # nonzero B: timing does not depend on it, correctness checks would
-        for B in m.lora_B.values():
-            B.normal_(0, 0.02)
-    return m
+def _dense_linear(s, device, dtype):
+    torch.manual_seed(0)
+    return nn.Linear(s["K"], s["N"], device=device, dtype=dtype).requires_grad_(False)
 
 
-def int8_linear(linear: nn.Linear) -> nn.Module:
+def _int8_linear(s, device):
     from fastfair.quant import to_int8_linear
 
-    return to_int8_linear(linear)
+    return to_int8_linear(_dense_linear(s, device, torch.float32))
 
 
-def flops(M, K, N, r, mode, lora=True):
-    fwd = 2 * M * N * K + (2 * M * r * (K + N) if lora else 0)
-    if mode == "fwd":
-        return fwd
-    # dX = dY W (+ (dY B) A), dA = (dY B)ᵀ x, dB = dYᵀ xa.
-    bwd = 2 * M * N * K + (4 * M * r * (K + N) if lora else 0)
-    return fwd + bwd
-
-
-NONE = (None, None, None)  # (DESIGN, DOWN_IN_LOOP, INT8_DESIGN): the shipped per-shape choice
-
-
-def shipped(K, N, r, dropout):
-    """What the cost model runs for one adapter of rank r, as 'fwd <design>[+loop], dX ...'."""
-    fwd = lt.forward_design(K, N, r, 1, dropout > 0)
-    dx = lt.dx_design(N, K, r, 1)
-    show = lambda d: d[0] + ("+loop" if d[1] else "")  # noqa: E731
-    return f"fwd {show(fwd)}, dX {show(dx)}"
-
-
-def timed(layer, x, mode, device, designs=NONE):
-    """(median ms, peak MB) of forward or forward+backward (grads of x and trainables only)."""
+def _case(layer: nn.Module, x: torch.Tensor, **kw) -> Case:
     params = [p for p in layer.parameters() if p.requires_grad]
-
-    def run():
-        lt.DESIGN, lt.DOWN_IN_LOOP, lt.INT8_DESIGN = designs
-        y = layer(x)
-        if mode == "fwd+bwd":
-            torch.autograd.grad(y, [x, *params], torch.ones_like(y))
-
-    try:
-        return time_ms(run, device), peak_memory_mb(run, device)
-    finally:
-        lt.DESIGN = lt.DOWN_IN_LOOP = lt.INT8_DESIGN = None
+    return Case(lambda: layer(x), [x, *params], **kw)
 
 
-def weight_mb(layer: nn.Module) -> float:
-    """Frozen base weight memory (int8 storage: the int8 rows plus the per-row float32 scales)."""
-    total = 0
-    for name, p in layer.named_parameters():
-        if not p.requires_grad and name.endswith("weight"):
-            total += p.numel() * p.element_size()
-            scb = getattr(p, "SCB", None)
-            total += 0 if scb is None else scb.numel() * scb.element_size()
-    return total / 2**20
+class CublasChain(torch.autograd.Function):
+    """unsloth's ``LoRA_W``: every product a cuBLAS call, the low-rank term added by ``addmm``.
 
+    Forward ``y = x·Wᵀ (+b); y += s·(xd·Aᵀ)·Bᵀ`` with ``xd`` the dropped-out x; backward
+    ``dX = dY·W + s·((dY·B)·A)⊙mask/(1-p)``, ``dA = s·(dY·B)ᵀ·xd``, ``dB = s·dYᵀ·(xd·Aᵀ)``.
+    """
 
-def impls_for(base_kind, K, N, r, dropout, dtype, device, on_gpu):
-    """{name: (layer, (DESIGN, DOWN_IN_LOOP, INT8_DESIGN))} for one shape; the first is the ratio baseline."""
-    lin = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
-    backend = "triton" if on_gpu else "torch"
-    out = {}
-    if base_kind == "dense":
-        out["nn.Linear (frozen)"] = (lin, NONE)
-        out["peft"] = (peft_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout), NONE)
-        if on_gpu:
-            for name, d in (("fastfair (a) in-loop down", ("fused", True, None)),
-                            ("fastfair (a) separate down", ("fused", False, None)),
-                            ("fastfair (b) cublas", ("cublas", None, None)), ("fastfair auto", NONE)):
-                out[name] = (fastfair_layer(nn.Linear(K, N, device=device, dtype=dtype), r, dropout, backend), d)
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s, p):
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = (torch.rand_like(x2) >= p) if p > 0 else None
+        xd = x2 * keep / (1 - p) if p > 0 else x2
+        xa = xd @ A.t()
+        y = x2 @ W.t() if b is None else torch.addmm(b, x2, W.t())
+        y.addmm_(xa, B.t(), alpha=s)
+        ctx.save_for_backward(W, A, B, xd, xa, keep)
+        ctx.s, ctx.p, ctx.shape = s, p, x.shape
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        W, A, B, xd, xa, keep = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        g = dy @ B
+        if keep is None:
+            dx = (dy @ W).addmm_(g, A, alpha=ctx.s)
         else:
-            out["fastfair reference"] = (fastfair_layer(nn.Linear(K, N, device=device, dtype=dtype), r,
-                                                        dropout, backend), NONE)
-        return out
-    try:
-        out["bnb+peft"] = (peft_layer(int8_linear(nn.Linear(K, N, device=device)), r, dropout), NONE)
-    except Exception as e:  # recorded, not fatal: the fastfair rows still run
-        out["bnb+peft"] = (e, None)
-    designs = ((("fastfair int8 (a,i) fused+dequant", ("fused", None, "dequant")),
-                ("fastfair int8 (b,i) cublas+dequant", ("cublas", None, "dequant")),
-                ("fastfair int8 (a,ii) in-loop", ("fused", None, "inloop")),
-                ("fastfair int8 auto", NONE)) if on_gpu
-               else (("fastfair int8 reference", NONE),))
-    for name, d in designs:
-        out[name] = (fastfair_layer(int8_linear(nn.Linear(K, N, device=device)), r, dropout, backend), d)
+            dx = (dy @ W).add_((g @ A) * keep, alpha=ctx.s / (1 - ctx.p))
+        dA = (g.t() @ xd).mul_(ctx.s)
+        dB = (dy.t() @ xa).mul_(ctx.s)
+        return dx.view(ctx.shape), None, None, dA.to(A.dtype), dB.to(B.dtype), None, None
+
+
+def _unsloth(s, x, weight):
+    """The cuBLAS chain on ``weight()`` (a dense weight, or an int8 one dequantized per call)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    A = (torch.randn(s["r"], s["K"], generator=gen) / s["K"] ** 0.5).to(x.device, x.dtype).requires_grad_()
+    B = (torch.randn(s["N"], s["r"], generator=gen) * 0.02).to(x.device, x.dtype).requires_grad_()
+    scale = 2.0
+    return Case(lambda: CublasChain.apply(x, weight(), None, A, B, scale, s["p"]), [x, A, B])
+
+
+def _fastfair(base: nn.Module, s: dict, x, forced=None) -> Case:
+    """``LoRALinear`` on ``base``; ``forced``: a (design, int8 mode) held for every timed call."""
+    if forced is not None:
+        from fastfair.ops.lora import force_design
+        from fastfair.ops.lora_design import why_not
+
+        if (why := why_not(*forced[:1], _problem(s, x.device, forced[1] is not None), forced[1])) is not None:
+            raise NotApplicable(why)
+    layer = LoRALinear(base, r=s["r"], alpha=2 * s["r"], dropout=s["p"]).to(x.device)
+    with torch.no_grad():  # nonzero B, as after a step (the timing does not depend on it)
+        for B in layer.lora_B.values():
+            B.normal_(0, 0.02)
+    if forced is None:
+        return _case(layer, x)
+    # forced designs: eager only (CUDA graphs are for what ships)
+    return _case(layer, x, context=lambda: force_design(*forced), runners=("eager",))
+
+
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _compiled(module: nn.Module, device):
+    # Every shape's module shares one forward code object: without a reset Dynamo would stop
+    # recompiling after its recompile limit and run later shapes eagerly, unannounced.
+    torch._dynamo.reset()
+    # On the CPU the eager backend: Dynamo's tracing is exercised without a C++ build.
+    return torch.compile(module, backend="inductor" if device.type == "cuda" else "eager")
+
+
+def providers(device: torch.device, designs=()) -> dict:
+    """name -> setup(shape, x, device); every provider builds its own layer of the shape."""
+    dt = _dtype(device)
+    table = {
+        "linear": lambda s, x, d: Case(lambda lin=_dense_linear(s, d, dt): lin(x), [x]),
+        "peft": lambda s, x, d: _case(_peft(_dense_linear(s, d, dt), s), x),
+        "peft_compile": lambda s, x, d: _case(_compiled(_peft(_dense_linear(s, d, dt), s), d), x),
+        "unsloth": lambda s, x, d: _unsloth(s, x, lambda w=_dense_linear(s, d, dt).weight: w),
+        "fastfair": lambda s, x, d: _fastfair(_dense_linear(s, d, dt), s, x),
+        "bnb_peft": lambda s, x, d: _case(_peft(_int8_linear(s, d), s), x),
+        "unsloth_int8": lambda s, x, d: _unsloth(s, x, _int8_weight(_int8_linear(s, d), x.dtype)),
+        "fastfair_int8": lambda s, x, d: _fastfair(_int8_linear(s, d), s, x),
+    }
+    for design, mode in designs:
+        if mode is None:
+            table[f"fastfair[{design}]"] = lambda s, x, d, k=design: _fastfair(_dense_linear(s, d, dt), s, x, (k, None))
+        else:
+            table[f"fastfair_int8[{design}+{mode}]"] = (
+                lambda s, x, d, k=(design, mode): _fastfair(_int8_linear(s, d), s, x, k))
+    return table
+
+
+def _int8_weight(q: nn.Module, dtype):
+    w = Int8Weight(q.weight.CB if q.weight.CB is not None else q.state.CB,
+                   q.weight.SCB if q.weight.SCB is not None else q.state.SCB)
+    return lambda: dense_weight(w, dtype)
+
+
+# -- shapes --------------------------------------------------------------------------------------------
+def gpu_shapes(models, batches, ranks, dropouts, layers=None) -> list[dict]:
+    """Every shape, the issue's target shape (ViT-B, batch 256, r = 16) first."""
+    out = [dict(model=m, layer=ly, batch=b, M=b * TOKENS, K=K, N=N, r=r, p=p)
+           for m in models for ly, K, N in MODELS[m] for b in batches for r in ranks for p in dropouts
+           if layers is None or ly in layers]
+    return sorted(out, key=lambda s: (s["model"] != "vit_b16", s["batch"] != 256, s["r"] != 16, s["p"],
+                                      s["r"], s["model"]))
+
+
+def cpu_shapes() -> list[dict]:
+    return [dict(model="toy", layer="toy", batch=2, M=2 * 40, K=64, N=96, r=8, p=p) for p in (0.0, 0.1)]
+
+
+def overhead_shapes(device) -> list[dict]:
+    # Tiny M: the GPU finishes each kernel long before the host issues the next, so host time is
+    # what is measured. The CPU reference computes too, so its K, N are kept tiny.
+    K = 768 if device.type == "cuda" else 64
+    return [dict(model="overhead", layer="tiny", batch=1, M=8, K=K, N=K, r=16, p=p) for p in (0.0, 0.1)]
+
+
+def _inputs(shape, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape["M"], shape["K"], device=device, dtype=_dtype(device),
+                       generator=gen).requires_grad_()
+
+
+# -- report --------------------------------------------------------------------------------------------
+def targets_table(rows: list[dict]) -> str:
+    """Each issue-16 target at ViT-B batch 256 r = 16, per layer and runner: met or missed."""
+    lines = ["Targets (issue 16; ViT-B/16, batch 256, r = 16, bf16):", "",
+             "| layer | runner | provider | mode | p | ratio | value | limit | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if (row.get("model"), row.get("batch"), row.get("r")) != ("vit_b16", 256, 16):
+            continue
+        for (prov, mode, col, p), limit in TARGETS.items():
+            if (row["provider"], row["mode"]) == (prov, mode) and (p is None or row["p"] == p) and col in row:
+                verdict = "met" if row[col] <= limit else "MISSED"
+                lines.append(f"| {row['layer']} | {row['runner']} | {prov} | {mode} | {row['p']} | {col} "
+                             f"| {row[col]:.3f} | {limit:.3f} | {verdict} |")
+    return "\n".join(lines) if len(lines) > 4 else "Targets: no row at the target shape was measured."
+
+
+def print_choice(shape, rows, device) -> None:
+    """One line per shape: the fastest fastfair design measured here, and the dispatcher's choice."""
+    best = {}
+    for r in rows:
+        if r["provider"].startswith("fastfair") and (r.get("mode"), r.get("runner")) == ("full", "eager") and "median" in r:
+            fam = r["provider"].split("[")[0]
+            if fam not in best or r["median"] < best[fam]["median"]:
+                best[fam] = r
+    fastest = ", ".join(f"{r['provider']} {r['median']:.3g} ms" for r in best.values())
+    print(f"[lora_linear] {shape['model']} {shape['layer']} b{shape['batch']} r{shape['r']} p{shape['p']}: "
+          f"fastest fwd+bwd {fastest or 'n/a'}; dispatcher: {chosen(shape, device)}", flush=True)
+
+
+NOTES = ("alpha = 2r, training mode, x requires grad; forward = one forward, full = forward + "
+         "the gradients of x and the trainable parameters, memory = peak CUDA memory of full above "
+         "what was allocated before. x_<b> = this time / provider b's time at the same shape, mode "
+         "and runner (lower is faster): x_linear against the frozen nn.Linear floor, x_fastfair on "
+         "int8 rows the int8 layer against the bf16 one.")
+
+
+def _timing(args, on_gpu) -> Timing:
+    if on_gpu:  # short: the do_bench samples of one shape agree to a few per cent
+        return Timing(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    if args.smoke:
+        return Timing(cpu_warmup=1, cpu_reps=1, rounds=1, host_calls=5)
+    return Timing(cpu_warmup=1, cpu_reps=args.cpu_reps, rounds=args.rounds, host_calls=50)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--batches", type=int, nargs="*", default=[256])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[16, 8, 64])
+    ap.add_argument("--full-ranks", type=int, nargs="*", default=[16],
+                    help="ranks compared with every provider under every runner; the others get the "
+                         "fastfair designs and the eager baselines only (lora_ranks), to fit a budget")
+    ap.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1])
+    ap.add_argument("--layers", nargs="*", default=None, help="a subset of qkv proj fc1 fc2")
+    ap.add_argument("--providers", nargs="*", default=None, help="a subset of the provider names")
+    ap.add_argument("--runners", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
+    ap.add_argument("--modes", nargs="*", default=["forward", "full", "memory"])
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting shapes after this")
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup-ms", type=float, default=5.0)
+    ap.add_argument("--rep-ms", type=float, default=25.0)
+    ap.add_argument("--rounds", type=int, default=3, help="CPU: interleaved rounds per shape")
+    ap.add_argument("--cpu-reps", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="CPU, toy shapes, one sample: the script runs")
+    return ap
+
+
+RANKS_PROVIDERS = ("linear", "peft", "unsloth", "bnb_peft", "fastfair", "fastfair_int8")
+
+
+def _benchmarks(args, device, table):
+    """(benchmark, runners, modes, share of the budget): the full comparison at the target rank,
+    the dispatch evidence at the other ranks, and the per-layer host overhead."""
+    on_gpu = device.type == "cuda"
+    cpu_note = "" if on_gpu else " CPU: toy shapes, reference path; says nothing of kernel speed."
+    if on_gpu:
+        full = gpu_shapes(args.models, args.batches, [r for r in args.ranks if r in args.full_ranks],
+                          args.dropouts, args.layers)
+        rest = gpu_shapes(args.models, args.batches, [r for r in args.ranks if r not in args.full_ranks],
+                          args.dropouts, args.layers)
+    else:
+        full, rest = cpu_shapes(), []
+    ranks_table = {k: v for k, v in table.items() if k.split("[")[0] in RANKS_PROVIDERS}
+    over_table = {k: v for k, v in table.items() if k in ("linear", "peft", "unsloth", "fastfair")}
+    out = [(Benchmark("lora_linear", full, table, BASELINES, make_inputs=_inputs, notes=NOTES + cpu_note,
+                      summarize=targets_table if on_gpu else None), args.runners, args.modes, 0.65)]
+    if rest:
+        out.append((Benchmark("lora_ranks", rest, ranks_table, BASELINES, make_inputs=_inputs,
+                              notes=NOTES + " Eager only: which design wins at each rank."),
+                    ["eager"], [m for m in args.modes if m != "memory"], 0.3))
+    out.append((Benchmark("lora_overhead", overhead_shapes(device), over_table, ("linear",),
+                          make_inputs=_inputs, notes=OVERHEAD_NOTES + cpu_note),
+                args.runners, ["host_forward", "host_full"], 0.05))
     return out
 
 
-def verdict(row, base_kind, mode):
-    """'met' / 'MISSED: ...' for fastfair rows at the issue's target shapes."""
-    if not row["impl"].startswith("fastfair") or row["model"] != "vit_b16" or row["batch"] != 256:
-        return None
-    missed = []
-    lim = TARGETS["fwd_vs_linear" if mode == "fwd" else "fwdbwd_vs_linear"]
-    if base_kind == "dense":
-        if row.get("x_linear") is not None and row["x_linear"] > lim:
-            missed.append(f"{row['x_linear']:.2f}x nn.Linear > {lim}")
-        if row.get("speedup_vs_peft") is not None and row["speedup_vs_peft"] < TARGETS["vs_peft"]:
-            missed.append(f"{row['speedup_vs_peft']:.2f}x vs peft < {TARGETS['vs_peft']}")
-    else:
-        if row.get("x_ff_bf16") is not None and row["x_ff_bf16"] > TARGETS["int8_vs_ff_bf16"]:
-            missed.append(f"{row['x_ff_bf16']:.2f}x fastfair bf16 > {TARGETS['int8_vs_ff_bf16']}")
-        if row.get("speedup_vs_peft") is not None and row["speedup_vs_peft"] < TARGETS["int8_vs_bnb_peft"]:
-            missed.append(f"{row['speedup_vs_peft']:.2f}x vs bnb+peft < {TARGETS['int8_vs_bnb_peft']}")
-    return "MISSED: " + "; ".join(missed) if missed else "met"
+OVERHEAD_NOTES = ("Host time per layer call (µs) at a tiny shape, no synchronization inside the loop: "
+                  "the Python + launch cost a GPU waits on at small batch. cuda_graph rows: one replay "
+                  "of the captured call.")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--batches", type=int, nargs="*", default=[64, 256])
-    ap.add_argument("--ranks", type=int, nargs="*", default=[8, 16, 64])
-    ap.add_argument("--bases", nargs="*", default=["dense", "int8"], choices=["dense", "int8"],
-                    help="dense: a bf16 base (fp32 on the CPU); int8: bitsandbytes row-wise int8")
-    ap.add_argument("--layers", nargs="*", default=None, help="subset of qkv proj fc1 fc2")
-    ap.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.1],
-                    help="LoRA dropout rates; with dropout the forward down-projection cannot be in-loop")
-    args = ap.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    if on_gpu:
-        grid = [(m, ly, b, r, p) for m in args.models for ly in MODELS[m] for b in args.batches
-                for r in args.ranks for p in args.dropouts if args.layers is None or ly[0] in args.layers]
-        dtype = torch.bfloat16
-    else:  # one tiny shape, reference path: only so the script cannot rot
-        grid = [("tiny", ("tiny", 64, 96), 1, 8, 0.1)]
-        dtype = torch.float32
-
-    rows = []
-    for model, (layer_name, K, N), batch, r, p in grid:
-        M = batch * (TOKENS if on_gpu else 40)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
-        ff_bf16 = {}
-        for base_kind in args.bases:
-            impls = impls_for(base_kind, K, N, r, p, dtype, device, on_gpu)
-            shape_rows = []
-            for name, (layer, designs) in impls.items():
-                # bitsandbytes may move SCB off the weight during a CPU forward: count it first.
-                wmb = None if isinstance(layer, Exception) else weight_mb(layer)
-                for mode in ("fwd", "fwd+bwd"):
-                    row = dict(model=model, layer=layer_name, batch=batch, M=M, K=K, N=N, r=r, p=p,
-                               base=base_kind, dtype=str(dtype).replace("torch.", ""), mode=mode, impl=name)
-                    if isinstance(layer, Exception):
-                        row["ms"] = f"error: {type(layer).__name__}: {str(layer)[:80]}"
-                        shape_rows.append(row)
-                        continue
-                    layer.train()
-                    try:
-                        ms, mem = timed(layer, x, mode, device, designs)
-                    except torch.OutOfMemoryError:
-                        row["ms"] = "OOM"
-                        torch.cuda.empty_cache()
-                        shape_rows.append(row)
-                        continue
-                    lora = "Linear (frozen)" not in name
-                    row.update(ms=ms, TFLOPs=flops(M, K, N, r, mode, lora) / ms / 1e9, peak_MB=mem,
-                               weight_MB=wmb)
-                    if name.startswith("fastfair") and designs == NONE and on_gpu:
-                        row["ships"] = shipped(K, N, r, p) + (
-                            f", int8 {lt.choose_int8()}" if base_kind == "int8" else "")
-                    shape_rows.append(row)
-            for row in shape_rows:
-                if not isinstance(row.get("ms"), float):
-                    continue
-                ref = {"dense": ("nn.Linear (frozen)", "peft"), "int8": (None, "bnb+peft")}[base_kind]
-                for key, impl in (("x_linear", ref[0]), ("speedup_vs_peft", ref[1])):
-                    other = next((o for o in shape_rows if o["impl"] == impl and o["mode"] == row["mode"]
-                                  and isinstance(o.get("ms"), float)), None)
-                    if other is not None and row["impl"] not in ref:
-                        row[key] = row["ms"] / other["ms"] if key == "x_linear" else other["ms"] / row["ms"]
-                if base_kind == "dense" and row["impl"] in ("fastfair auto", "fastfair reference"):
-                    ff_bf16[row["mode"]] = row["ms"]
-                if base_kind == "int8" and row["mode"] in ff_bf16:
-                    row["x_ff_bf16"] = row["ms"] / ff_bf16[row["mode"]]
-                row["target"] = verdict(row, base_kind, row["mode"])
-            rows += shape_rows
-            del impls
-        del x
-        if on_gpu:
-            torch.cuda.empty_cache()
-
-    cols = ["model", "layer", "batch", "M", "K", "N", "r", "p", "base", "dtype", "mode", "impl", "ms", "TFLOPs",
-            "x_linear", "speedup_vs_peft", "x_ff_bf16", "peak_MB", "weight_MB", "ships", "target"]
-    notes = (
-        "p: LoRA dropout; alpha = 2r, training mode, x requires grad. x_linear: time / frozen "
-        "bf16 nn.Linear of the same shape and mode (its fwd+bwd computes the input gradient only). "
-        "speedup_vs_peft: peft time / this time (int8 rows: bnb Linear8bitLt + peft). x_ff_bf16: int8 "
-        "row time / fastfair auto on the bf16 base. TFLOP/s counts each implementation's useful FLOPs "
-        "(nn.Linear: 2MNK per product; LoRA adds 2Mr(K+N) forward, 4Mr(K+N) backward). peak_MB: memory "
-        "above what was allocated before the call. target: issue-3 targets at ViT-B batch 256 "
-        f"{TARGETS}. See docs/kernels/lora.md for the byte/FLOP model."
-    )
-    if not on_gpu:
-        notes += " CPU run: one tiny shape through the PyTorch reference path; says nothing of kernel speed."
-    md = write_results("lora_linear", environment(device), rows, cols, notes)
-    print(md.read_text())
+    args = _parser().parse_args(argv)
+    device = torch.device("cpu" if args.smoke else args.device)
+    table = providers(device, forced_designs(device))
+    if args.providers:
+        table = {k: v for k, v in table.items() if k in args.providers}
+    timing = _timing(args, device.type == "cuda")
+    plan = _benchmarks(args, device, table)
+    start = time.monotonic()
+    for i, (bench, runners, modes, share) in enumerate(plan):
+        budget = None  # what is left, shared in proportion among the benchmarks still to run
+        if args.budget_s is not None:
+            left = sum(p[3] for p in plan[i:])
+            budget = max(args.budget_s - (time.monotonic() - start), 0.0) * share / left
+        show = None if bench.name == "lora_overhead" else (lambda s, rows: print_choice(s, rows, device))
+        md = run_benchmarks(bench, device, modes=modes, runners=runners, timing=timing, budget_s=budget,
+                            results_dir=args.results_dir, on_shape=show)
+        print(f"wrote {md}", flush=True)
     return 0
 
 

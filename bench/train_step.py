@@ -10,8 +10,8 @@ One optimizer step of a ViT with LoRA r=16 on qkv/proj/fc1/fc2 and the FairLoRA 
             every layer's input gradient and nothing else, the least a LoRA step can cost
   full      full fine-tuning of the same model
 
-  python bench/train_step.py                 # CUDA: ViT-B/16, 224², batch 128 and 256, bf16
-  python bench/train_step.py --device cpu    # CPU: ViT-S/8 at 64², batch 32, fp32
+  python bench/train_step.py                 # CUDA: ViT-B/16, 224², batch 256 and 128, bf16
+  python bench/train_step.py --device cpu    # CPU: ViT-S/8 at 64², batch 32, fp32, 5 rounds
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, peak_memory_mb, time_ms, write_results  # noqa: E402
+from harness import Benchmark, Case, Timing, run_benchmarks  # noqa: E402
 
 from fastfair import FairnessLoss, inject_lora, quantize_backbone  # noqa: E402
 
@@ -71,50 +71,65 @@ def build(kind: str, model_name: str, model_kw: dict, device):
     return model, loss, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params)
 
 
+def _inputs(shape, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, size = shape["batch"], shape["img"]
+    return (torch.randn(b, 3, size, size, generator=gen).to(device),
+            torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device),
+            torch.randint(0, NUM_GROUPS, (b,), generator=gen).to(device))
+
+
+def _setup(kind: str):
+    def setup(shape, inputs, device) -> Case:
+        kw = {k: shape[k] for k in ("img_size", "patch_size", "depth") if shape.get(k)}
+        model, loss_fn, opt, n_train = build(kind, shape["model"], kw, device)
+        x, y, g = inputs
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            out = loss_fn(logits.float(), y, g)
+            (out.loss if hasattr(out, "loss") else out).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return Case(step, note=f"{n_train} trainable")
+    return setup
+
+
+SHAPES = {  # what runs where: the CPU comparison of issue 16, the GPU one at ViT-B
+    "cuda": [dict(model="vit_base_patch16_224", img=224, img_size=None, patch_size=None, batch=b)
+             for b in (256, 128)],
+    "cpu": [dict(model="vit_small_patch16_224", img=64, img_size=64, patch_size=8, batch=32)],
+    "smoke": [dict(model="test_vit", img=32, img_size=32, patch_size=16, batch=4)],
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--kinds", default="peft,fastfair,ff_int8,floor,full")
+    ap.add_argument("--kinds", default=None, help="comma-separated; default: every kind on CUDA, "
+                                                 "peft,fastfair,floor on the CPU")
+    ap.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds (ratio spread)")
+    ap.add_argument("--reps", type=int, default=2, help="CPU: timed steps per kind per round")
+    ap.add_argument("--smoke", action="store_true", help="a toy model, one round: the script runs")
+    ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--results-dir", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        model_name, model_kw, batches, dtype = "vit_base_patch16_224", {}, (128, 256), torch.bfloat16
-    else:
-        model_name, model_kw, batches, dtype = "vit_small_patch16_224", dict(img_size=64, patch_size=8), (32,), None
-    env = environment(device)
-    rows = []
-    for batch in batches:
-        size = model_kw.get("img_size", 224)
-        x = torch.randn(batch, 3, size, size, device=device)
-        y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-        g = torch.randint(0, NUM_GROUPS, (batch,), device=device)
-        results = {}
-        for kind in args.kinds.split(","):
-            model, loss_fn, opt, n_train = build(kind, model_name, model_kw, device)
-
-            def step():
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = model(x)
-                out = loss_fn(logits.float(), y, g)
-                (out.loss if hasattr(out, "loss") else out).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            ms = time_ms(step, device, warmup=2, rep=5)
-            results[kind] = dict(batch=batch, kind=kind, ms=ms, images_per_s=batch / ms * 1e3,
-                                 peak_mb=peak_memory_mb(step, device), trainable=n_train)
-
-        for r in results.values():
-            for base in ("peft", "floor", "full"):
-                if base in results:
-                    r[f"time/{base}"] = r["ms"] / results[base]["ms"]
-            rows.append(r)
-    name = f"{model_name}{'-' + str(model_kw['img_size']) if model_kw else ''}"
-    md = write_results("train_step", env, rows,
-                       ["batch", "kind", "ms", "images_per_s", "peak_mb", "trainable", "time/peft",
-                        "time/floor", "time/full"],
-                       notes=f"{name}, LoRA r={RANK} on {TARGETS}, FairLoRA loss (lam={LAM}), AdamW; "
-                             f"time/X = step time relative to X in the same run.")
+    kinds = args.kinds or ("peft,fastfair,ff_int8,floor,full" if device.type == "cuda" else "peft,fastfair,floor")
+    shapes = SHAPES["smoke" if args.smoke else device.type]
+    timing = (Timing(warmup_ms=100, rep_ms=500) if device.type == "cuda"
+              else Timing(cpu_warmup=1, cpu_reps=1 if args.smoke else args.reps,
+                          rounds=1 if args.smoke else args.rounds))
+    bench = Benchmark(
+        "train_step", shapes, {k: _setup(k) for k in kinds.split(",")}, ("peft", "floor", "full"),
+        modes=("full", "memory"), make_inputs=_inputs,
+        notes=(f"One optimizer step: LoRA r={RANK} on {TARGETS}, FairLoRA loss (lam={LAM}), AdamW. "
+               "x_<b> = step time / b's step time; on the CPU the providers are interleaved in "
+               "rounds and the ratio is the median over rounds, with its range over rounds."))
+    md = run_benchmarks(bench, device, timing=timing, budget_s=args.budget_s, results_dir=args.results_dir)
     print(md.read_text())
     return 0
 

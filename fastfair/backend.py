@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
+
+from .kernels._utils import interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -16,8 +17,7 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+triton_interpreting = interpreting  # one definition, shared with the kernels' launchers
 
 
 @functools.cache

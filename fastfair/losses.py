@@ -8,6 +8,7 @@ DDP's gradient averaging, gradients equal one process's on the global batch.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,10 @@ class FairnessLossOutput(NamedTuple):
     penalty: torch.Tensor  # the penalty before lam
     group_loss: torch.Tensor  # [G] mean loss per group, NaN where absent; detached, for logging
     group_count: torch.Tensor  # [G] non-ignored rows per group (float)
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _masked_variance(L, present, k):
@@ -82,12 +87,12 @@ class FairnessLoss(nn.Module):
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
         if penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
-        if not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
-        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        if not _finite_number(lam) or not lam >= 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if not _finite_number(alpha) or not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        if not isinstance(step_size, (int, float)) or not step_size >= 0:
-            raise ValueError(f"step_size must be >= 0, got {step_size!r}")
+        if not _finite_number(step_size) or not step_size >= 0:
+            raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
         if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
         self.num_groups = num_groups
@@ -141,8 +146,9 @@ class FairnessLoss(nn.Module):
             return _masked_variance(L, present, k)
         if self.penalty == "std":
             var = _masked_variance(L, present, k)
-            pos = var > 0
-            return torch.where(pos, torch.where(pos, var, 1.0).sqrt(), 0.0)
+            # 0 (with gradient 0) only for an exact 0; a NaN variance stays NaN, loudly.
+            zero = var == 0
+            return torch.where(zero, 0.0, torch.where(zero, 1.0, var).sqrt())
         if self.penalty == "range":
             hi = torch.where(present, L, float("-inf")).max()
             lo = torch.where(present, L, float("inf")).min()

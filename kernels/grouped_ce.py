@@ -10,9 +10,15 @@ Rows whose label is neither ``ignore_index`` nor in [0, C), or whose group is ou
 in ``flags`` (int64[4]: bad-label count, first bad-label key, bad-group count, first bad-group
 key; key = row·2³² + value clamped to int32 and shifted by 2³¹, so the minimum key is the first
 bad row). Nothing here synchronizes with the host.
+
+The launchers (``grouped_ce_forward``, ``grouped_ce_backward``) take checked, contiguous-row
+tensors; checks and autograd live in ``fastfair.ops.grouped_ce``.
 """
+import torch
 import triton
 import triton.language as tl
+
+from . import _utils
 
 # constexpr: the compiler rejects plain globals in a kernel (the interpreter does not).
 INT32_MIN = tl.constexpr(-(2**31))
@@ -142,3 +148,57 @@ def grouped_ce_bwd_kernel(
         g = tl.where(valid[:, None], coef[:, None] * (g - target), 0.0)
         tl.store(out_ptr[:, None] + cols[None, :], g.to(dlogits_ptr.dtype.element_ty),
                  mask=row_in[:, None] & col_in[None, :])
+
+
+# -- launchers -----------------------------------------------------------------------------------
+MAX_TILE = 4096  # elements per program: BLOCK_N rows × BLOCK_C columns
+
+
+def tiles(n_cols: int, num_groups: int):
+    """(BLOCK_N, BLOCK_C, BLOCK_G, one-hot group reduction, warps) for C classes, G groups."""
+    block_c = _utils.pow2(n_cols, cap=MAX_TILE)
+    block_n = max(1, min(MAX_TILE // block_c, 128))
+    block_g = _utils.pow2(num_groups)
+    num_warps = 8 if block_n * block_c >= 4096 else 4
+    return block_n, block_c, block_g, block_g <= 64, num_warps
+
+
+def grouped_ce_forward(logits, labels, groups, num_groups, ignore_index, smoothing, flags):
+    """``(loss[N], lse[N], group_sum[G], group_count[G])``, fp32; bad rows recorded in ``flags``."""
+    n, c = logits.shape
+    dev = logits.device
+    loss = _utils.alloc(n, torch.float32, dev)
+    lse = _utils.alloc(n, torch.float32, dev)
+    group_sum = torch.zeros(num_groups, dtype=torch.float32, device=dev)  # atomics add into these
+    group_count = torch.zeros(num_groups, dtype=torch.float32, device=dev)
+    bn, bc, bg, one_hot, warps = tiles(c, num_groups)
+    if n:
+        with _utils.on_device(dev):
+            grouped_ce_fwd_kernel[(_utils.cdiv(n, bn),)](
+                logits, logits.stride(0), labels, groups,
+                loss, lse, group_sum, group_count, flags,
+                n, c, num_groups, ignore_index, float(smoothing),
+                BLOCK_N=bn, BLOCK_C=bc, BLOCK_G=bg, ONE_HOT_GROUPS=one_hot,
+                SMOOTH=smoothing > 0, num_warps=warps,
+            )
+    return loss, lse, group_sum, group_count
+
+
+def grouped_ce_backward(logits, labels, groups, lse, grad_loss, grad_sum, num_groups, ignore_index,
+                        smoothing):
+    """``dlogits`` (a new tensor, logits' dtype) for upstream gradients of loss and group_sum."""
+    n, c = logits.shape
+    # A new tensor: writing into logits would corrupt it for anyone else who reads it.
+    dlogits = _utils.alloc((n, c), logits.dtype, logits.device)
+    bn, bc, _, _, warps = tiles(c, num_groups)
+    if n:
+        with _utils.on_device(logits.device):
+            grouped_ce_bwd_kernel[(_utils.cdiv(n, bn),)](
+                logits, logits.stride(0), labels, groups, lse,
+                grad_loss if grad_loss is not None else lse,
+                grad_sum if grad_sum is not None else lse,
+                dlogits, n, c, num_groups, ignore_index, smoothing,
+                BLOCK_N=bn, BLOCK_C=bc, HAS_GRAD_LOSS=grad_loss is not None,
+                HAS_GRAD_SUM=grad_sum is not None, SMOOTH=smoothing > 0, num_warps=warps,
+            )
+    return dlogits

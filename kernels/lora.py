@@ -6,7 +6,7 @@ stacked adapters ``A`` [R, K] and ``B`` [N, R], adapter ``a`` owning rank rows
 
 * ``lora_down``: ``xa_s[:, a] = c_a · (keep_a ⊙ x) A_aᵀ`` with the keep-mask drawn in-kernel, so
   ``drop(x)`` never exists in memory.
-* ``lora_gemm``: ``C = P Q (+ bias) (+ Σ_g keep_g ⊙ (L_g U_g)) (+ C)``, strided so that one kernel
+* ``lora_gemm``: ``C = P Q (+ bias) (+ Σ_a keep_a ⊙ (L_a U_a)) (+ C)``, strided so that one kernel
   is both the fused forward ``y = x Wᵀ + b + xa_s Bᵀ`` and the fused input gradient
   ``dX = dY W + Σ_a keep_a ⊙ (g_a A_a)``; int8 ``W`` is loaded as int8 and scaled per output
   row (forward: in the epilogue, exact) or per reduction row (backward: on the tile).
@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreting
+from . import _utils
+from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES
 
 @triton.jit
 def _keep(seed, rows, cols, K, adapter, p):
@@ -35,9 +36,10 @@ def _keep(seed, rows, cols, K, adapter, p):
     return tl.rand(seed, offs) >= p
 
 
-@triton.jit(do_not_specialize=["seed", "adapter"])
-def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
+@triton.jit(do_not_specialize=["adapter"])
+def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, adapter, p,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep(seed, rm, rk, K, adapter, p)
@@ -45,9 +47,9 @@ def _dropout_mask_kernel(out_ptr, seed, M, K, adapter, p,
     tl.store(ptrs, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["adapter", "start", "rank"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, out_ptr, seed, coef, p, adapter, start, rank, M, K,
+    x_ptr, a_ptr, out_ptr, seed_ptr, coef, p, adapter, start, rank, M, K,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -60,6 +62,8 @@ def _lora_down_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + (start + rr).to(tl.int64)[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
         k_ok = rk < K
@@ -75,11 +79,11 @@ def _lora_down_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_gemm_kernel(
     p_ptr, q_ptr, c_ptr, l_ptr, u_ptr, bias_ptr, col_scale_ptr, row_scale_ptr,
-    group_offs_ptr, group_p_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
-    seed, M, N, K, R, n_groups, M_KEY,
+    adapter_offs_ptr, adapter_p_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
+    seed_ptr, M, N, K, R, n_adapters, M_KEY,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_vk, stride_vr,
     stride_sm, stride_sr, stride_dbk, stride_dbr,
@@ -166,36 +170,38 @@ def _lora_gemm_kernel(
                 tl.store(l_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr_all[None, :] * stride_lr,
                          lval, mask=m_ok[:, None] & r_all_ok[None, :])
 
+    if MASKED:
+        seed = tl.load(seed_ptr)
     if HAS_LORA:
         u_cols = u_ptr + rn.to(tl.int64)[None, :] * stride_un
         if DOWN:
             ut = tl.load(u_cols + rr_all[:, None] * stride_ur, mask=r_all_ok[:, None] & n_ok[None, :],
                          other=0.0)
             if MASKED:
-                for g in range(0, n_groups):
-                    g_start = tl.load(group_offs_ptr + g)
-                    g_end = tl.load(group_offs_ptr + g + 1)
-                    # Registers cannot be sliced by a runtime range: zero the other groups' columns.
-                    lt = tl.where(((rr_all >= g_start) & (rr_all < g_end))[None, :], lval, 0.0).to(dtype)
+                for a in range(0, n_adapters):
+                    a_start = tl.load(adapter_offs_ptr + a)
+                    a_end = tl.load(adapter_offs_ptr + a + 1)
+                    # Registers cannot be sliced by a runtime range: zero the other adapters' columns.
+                    lt = tl.where(((rr_all >= a_start) & (rr_all < a_end))[None, :], lval, 0.0).to(dtype)
                     lr = tl.dot(lt, ut, input_precision=INPUT_PRECISION)
-                    keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
+                    keep = _keep(seed, rm, rn, N, a, tl.load(adapter_p_ptr + a))
                     acc += tl.where(keep, lr, 0.0)
             else:
                 acc = tl.dot(lval, ut, acc, input_precision=INPUT_PRECISION)
         else:
             l_rows = l_ptr + rm.to(tl.int64)[:, None] * stride_lm
             if MASKED:
-                for g in range(0, n_groups):
-                    g_start = tl.load(group_offs_ptr + g)
-                    g_end = tl.load(group_offs_ptr + g + 1)
+                for a in range(0, n_adapters):
+                    a_start = tl.load(adapter_offs_ptr + a)
+                    a_end = tl.load(adapter_offs_ptr + a + 1)
                     lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    for r0 in range(g_start, g_end, BLOCK_R):
+                    for r0 in range(a_start, a_end, BLOCK_R):
                         rr = r0 + tl.arange(0, BLOCK_R)
-                        r_ok = rr < g_end
+                        r_ok = rr < a_end
                         lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                         ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                         lr = tl.dot(lt, ut, lr, input_precision=INPUT_PRECISION)
-                    keep = _keep(seed, rm, rn, N, g, tl.load(group_p_ptr + g))
+                    keep = _keep(seed, rm, rn, N, a, tl.load(adapter_p_ptr + a))
                     acc += tl.where(keep, lr, 0.0)
             else:
                 for r0 in range(0, R, BLOCK_R):
@@ -214,9 +220,9 @@ def _lora_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["seed", "adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["adapter", "start", "rank"])
 def _lora_dA_kernel(
-    g_ptr, x_ptr, out_ptr, seed, p, adapter, start, rank, M, K, rows_per_split,
+    g_ptr, x_ptr, out_ptr, seed_ptr, p, adapter, start, rank, M, K, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -229,6 +235,7 @@ def _lora_dA_kernel(
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
@@ -245,13 +252,9 @@ def _lora_dA_kernel(
 # -- configurations ------------------------------------------------------------------------------
 
 def _gemm_configs() -> list[triton.Config]:
-    """Hopper candidates for the fused GEMM (bf16/fp16 tiles; fp32 falls back to the smaller ones)."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-    ]
+    """Hopper candidates for the fused GEMM (``lora_tiles.GEMM_TILES``)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in GEMM_TILES]
 
 
 # Autotuning may run the kernel several times: restore C so ACCUMULATE launches stay correct, and
@@ -260,19 +263,18 @@ def _gemm_configs() -> list[triton.Config]:
 # pass db_ptr=None.
 # Keyed on M's power-of-two bucket, not M: a new batch size (a last partial batch) must not
 # trigger a new tuning run.
-_TUNE_KEY = ["M_KEY", "N", "K", "R", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN"]
+# HAS_BASE/ACCUMULATE and the operands' strides (forward reads Q transposed, dX does not) change
+# the best tile too: without them the forward and dX would share one tuning.
+_TUNE_KEY = ["M_KEY", "N", "K", "R", "HAS_BASE", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN",
+             "ACCUMULATE", "stride_qk", "stride_qn", "stride_pk"]
 _lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
                                    restore_value=["c_ptr"])(_lora_gemm_kernel)
 _lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
                                       restore_value=["c_ptr"], reset_to_zero=["db_ptr"])(_lora_gemm_kernel)
 
 
-# The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
-DOWN_MAX_RANK = 64
-
-
-def _pow2_at_least_16(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+def _block_r(rank: int) -> int:
+    return _utils.pow2(rank, least=16, cap=64)
 
 
 @functools.cache
@@ -286,7 +288,7 @@ def _sm_count(index: int) -> int:
 
 
 def _fixed_gemm_meta(dtype: torch.dtype) -> dict:
-    if triton_interpreting():
+    if _utils.interpreting():
         # Small tiles so the tests' odd shapes cross tile borders; one config (no autotune).
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     fp32 = dtype == torch.float32
@@ -295,45 +297,59 @@ def _fixed_gemm_meta(dtype: torch.dtype) -> dict:
 
 def _precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own matmul setting so the fused path agrees with cuBLAS on it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _utils.tf32_allowed():
         return "ieee"
     return "tf32"
 
 
 # -- launchers (thin: checks are done by the caller in fastfair.ops.lora_triton) ------------------
 
-def dropout_mask(seed: int, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The kernels read their Philox seed from device memory (int64 [1]), so a seed drawn on the
+    device never travels to the host (no ``.item()``, no graph break). Ints are for tests."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
     """The keep-mask (bool [M, K]) that the kernels draw for adapter ``adapter`` with ``seed``."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-    _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=32, BLOCK_K=32)
+    seed = seed_tensor(seed, device)
+    block = 128 if _utils.interpreting() else 32  # a mask does not depend on the tiling
+    grid = (triton.cdiv(M, block), triton.cdiv(K, block))
+    with _utils.on_device(out.device):
+        _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=block, BLOCK_K=block)
     return out.bool()
 
 
 def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> None:
     """``out[:, start:start+rank] = coef · (keep ⊙ x) A[start:start+rank]ᵀ``."""
     M, K = x.shape
-    block_r = _pow2_at_least_16(rank, 64)
-    block_m, block_k, warps = (32, 32, 4) if triton_interpreting() else (64, 64, 4)
+    block_r = _block_r(rank)
+    block_m, block_k, warps = (32, 32, 4) if _utils.interpreting() else (64, 64, 4)
     grid = (triton.cdiv(M, block_m), triton.cdiv(rank, block_r))
-    _lora_down_kernel[grid](
-        x, A, out, seed, float(coef), float(p), adapter, start, rank, M, K,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-        DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
-    )
+    with _utils.on_device(x.device):
+        _lora_down_kernel[grid](
+            x, A, out, seed_tensor(seed, x.device) if dropout else None, float(coef), float(p), adapter,
+            start, rank, M, K,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+            DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+        )
 
 
 def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool = False,
               bias=None, col_scale=None, row_scale=None, base: bool = True, accumulate: bool = False,
-              group_offs=None, group_p=None, n_groups: int = 0, seed: int = 0,
+              adapter_offs=None, adapter_p=None, n_adapters: int = 0, seed=None,
               V=None, v_transposed: bool = False, l_coef=None, store_l: bool = False,
               dB=None, S=None) -> None:
     """``C (+)= P·op(Q) [·col_scale] (+ bias) + Σ_g keep_g ⊙ (L_g op(U)_g)``.
 
     ``op(Q)`` is ``Qᵀ`` when ``q_transposed`` (Q stored [N, K], as a linear weight), else ``Q``
-    ([K, N]); same for ``U`` and ``V``. ``group_offs``/``group_p`` (device int32 [n_groups+1] /
-    float32 [n_groups]) turn on the per-group dropout masks, drawn at (row, column) of ``C``.
+    ([K, N]); same for ``U`` and ``V``. ``adapter_offs``/``adapter_p`` (device int32
+    [n_adapters+1] / float32 [n_adapters]) turn on the per-adapter dropout masks, drawn at
+    (row, column) of ``C``.
 
     With ``V`` (R <= ``DOWN_MAX_RANK``), ``L = P·op(V)·diag(l_coef)`` is computed inside the base
     loop rather than read: ``L`` (if given) is then an output, written when ``store_l``. With ``dB``
@@ -346,7 +362,7 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
         R = V.shape[0] if v_transposed else V.shape[1]
         if not base or R > DOWN_MAX_RANK or l_coef is None:
             raise ValueError(f"lora_gemm: V needs the base product, l_coef and R <= {DOWN_MAX_RANK}, got R={R}")
-        block_r = _pow2_at_least_16(R, 64)
+        block_r = _block_r(R)
         v_padded = not v_transposed and R < block_r
         if v_padded:
             # V [K, R] is read along R, its contiguous dim: pad it to BLOCK_R zero columns so the
@@ -369,13 +385,13 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     slm, slr = (L.stride(0), L.stride(1)) if L is not None else (0, 0)
     ssm, ssr = (S.stride(0), S.stride(1)) if S is not None else (0, 0)
     sdk, sdr = (dB.stride(0), dB.stride(1)) if dB is not None else (0, 0)
-    masked = group_offs is not None
+    masked = adapter_offs is not None
     # Absent operands are None: never read (their constexpr switch is off), and autotune's
     # reset_to_zero skips a None db_ptr instead of zeroing whatever stood in for it.
     args = (
-        P, Q, C, L, U, bias, col_scale, row_scale, group_offs if masked else None,
-        group_p if masked else None, V, l_coef, dB, S,
-        seed, M, N, K, R, n_groups, triton.next_power_of_2(M),
+        P, Q, C, L, U, bias, col_scale, row_scale, adapter_offs if masked else None,
+        adapter_p if masked else None, V, l_coef, dB, S,
+        seed_tensor(seed, P.device) if masked else None, M, N, K, R, n_adapters, _utils.pow2(M),
         P.stride(0), P.stride(1), sqk, sqn, C.stride(0), C.stride(1),
         slm, slr, sur, sun, svk, svr, ssm, ssr, sdk, sdr,
     )
@@ -383,20 +399,22 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
         HAS_BASE=base, HAS_LORA=has_lora, MASKED=masked, HAS_BIAS=bias is not None,
         COL_SCALE=col_scale is not None, ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate,
         DOWN=down, V_PADDED=v_padded, STORE_L=down and store_l and L is not None, DB=dB is not None,
-        INPUT_PRECISION=_precision(P.dtype), BLOCK_R=_pow2_at_least_16(R, 64),
+        INPUT_PRECISION=_precision(P.dtype), BLOCK_R=_block_r(R),
     )
-    if not triton_interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):
+    if not _utils.interpreting() and P.is_cuda and _is_hopper(P.device.index or 0):
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        (_lora_gemm_tuned_db if dB is not None else _lora_gemm_tuned)[grid](*args, **flags)
+        with _utils.on_device(P.device):
+            (_lora_gemm_tuned_db if dB is not None else _lora_gemm_tuned)[grid](*args, **flags)
         return
     meta = _fixed_gemm_meta(P.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](*args, **flags, **meta)
+    with _utils.on_device(P.device):
+        _lora_gemm_kernel[grid](*args, **flags, **meta)
 
 
 def _dA_plan(M: int, K: int, rank: int, device) -> tuple[int, int, int, int, int, int]:
-    block_r = _pow2_at_least_16(rank, 64)
-    if triton_interpreting() or device.type != "cuda":
+    block_r = _block_r(rank)
+    if _utils.interpreting() or device.type != "cuda":
         block_m, block_k, warps, target = 16, 32, 4, 2
     else:
         block_m, block_k, warps, target = 64, 64, 4, 4 * _sm_count(device.index or 0)
@@ -417,9 +435,10 @@ def lora_dA_partial(g, x, out, seed, p, adapter, start, rank) -> None:
     M, K = x.shape
     block_m, block_k, block_r, warps, splits, rows = _dA_plan(M, K, rank, x.device)
     grid = (triton.cdiv(K, block_k), splits, triton.cdiv(rank, block_r))
-    _lora_dA_kernel[grid](
-        g, x, out, seed, float(p), adapter, start, rank, M, K, rows,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=warps,
-    )
+    with _utils.on_device(x.device):
+        _lora_dA_kernel[grid](
+            g, x, out, seed_tensor(seed, x.device), float(p), adapter, start, rank, M, K, rows,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=warps,
+        )

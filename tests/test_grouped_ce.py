@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, strategies as st
 
-import fastfair.ops.grouped_ce as gce
+from fastfair.kernels import _utils
 from fastfair.ops.grouped_ce import (
     check_flags, grouped_cross_entropy, grouped_cross_entropy_reference, new_flags,
 )
@@ -21,7 +21,7 @@ def poisoned(monkeypatch):
     def empty(shape, dtype, device):
         return torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"),
                           dtype=dtype, device=device)
-    monkeypatch.setattr(gce, "_empty", empty)
+    monkeypatch.setattr(_utils, "alloc", empty)
 
 
 def float64_truth(x, y, g, G, ignore_index=-100, eps=0.0, w_loss=None, w_sum=None):
@@ -282,7 +282,7 @@ def test_reference_keeps_float64():
 
 _COMPILE_SCRIPT = r"""
 from fastfair.kernels import grouped_ce as kg
-from fastfair.ops.grouped_ce import _tiles
+from fastfair.kernels.grouped_ce import tiles as _tiles
 
 for C, G, smooth in ((1000, 3, True), (5, 100, False)):  # one-hot group sums, per-row atomics
     bn, bc, bg, one_hot, warps = _tiles(C, G)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfair import LoRALinear
+from fastfair.ops.lora import draw_masks, draw_seed, unpack_bits
 from fastfair.backend import triton_interpreting
 
 
@@ -65,8 +66,8 @@ def test_dropout_matches_float64_with_same_mask(k, n, r, p, seed):
     x = torch.randn(3, 5, k)
     torch.manual_seed(seed)
     y = layer(x)
-    torch.manual_seed(seed)  # the reference path draws its mask exactly like F.dropout on x
-    mask = torch.nn.functional.dropout(torch.ones_like(x), p, True) != 0
+    torch.manual_seed(seed)  # the CPU path draws one seed, then its packed mask from that seed
+    mask = unpack_bits(draw_masks(draw_seed("cpu"), 15, k, [p]), k)[0].view(3, 5, k)
     cfg = layer.adapters["default"]
     ref = float64_lora(x, layer.base.weight, layer.base.bias,
                        [(layer.lora_A["default"], layer.lora_B["default"], cfg.scale, mask, p)])

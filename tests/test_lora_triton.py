@@ -11,10 +11,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastfair.kernels.lora import dropout_mask
-from fastfair.ops import lora_triton as lt
+from hypothesis import assume
+
 from fastfair.int8 import Int8Weight
-from fastfair.ops.lora import lora_linear_reference
+from fastfair.kernels import _utils
+from fastfair.kernels.lora import dropout_mask
+from fastfair.ops import lora_design as ld
+from fastfair.ops import lora_triton as lt
+from fastfair.ops.lora import force_design, lora_linear, lora_linear_reference
 from hopper_compile import assert_compiles_for_hopper  # noqa: E402
 
 SEED = 20261125
@@ -27,9 +31,17 @@ def _poison_and_seed(monkeypatch):
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(lt, "_alloc", nan_alloc)
-    monkeypatch.setattr(lt, "_draw_seed", lambda: SEED)
-    monkeypatch.setattr(lt, "_DEQUANT", {})
+    monkeypatch.setattr(_utils, "alloc", nan_alloc)
+    monkeypatch.setattr(lt, "_draw_seed", lambda device: SEED)
+
+
+def force(monkeypatch, design=None, int8=None):
+    """Force through the environment (the public switch), restored after the test."""
+    for env, value in ((ld.ENV_DESIGN, design), (ld.ENV_INT8, int8)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
 
 
 def make_x(layout, M, K, dtype):
@@ -58,7 +70,8 @@ def run_case(M, K, N, dtype, ranks, scales, ps, trainable, layout="2d", bias="tr
     As = [(torch.randn(r, K) / math.sqrt(K)).requires_grad_(t) for r, t in zip(ranks, trainable)]
     Bs = [torch.randn(N, r).requires_grad_(t) for r, t in zip(ranks, trainable)]
 
-    y = lt.lora_linear_triton(x, weight, b, As, Bs, scales, ps, training)
+    backend = "torch" if ld.forced()[0] in ld.TORCH_DESIGNS else "triton"
+    y = lora_linear(x, weight, b, As, Bs, scales, ps, training, backend=backend)
     assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
     dy = torch.randn_like(y)
     if y.requires_grad:
@@ -109,32 +122,31 @@ def cases(draw):
         int8=draw(st.booleans()),
         training=draw(st.sampled_from([True, True, False])),
         x_grad=draw(st.sampled_from([True, True, False])),
-    ), draw(st.sampled_from(lt.DESIGNS)), draw(st.sampled_from([None, True, False])), \
-        draw(st.sampled_from(["dequant", "inloop"]))
+    ), draw(st.sampled_from([None, *ld.DESIGNS])), draw(st.sampled_from([None, *ld.INT8_MODES]))
 
 
 @given(cases())
 def test_matches_float64_reference(case):
-    kw, design, down_in_loop, int8_design = case
-    lt.DESIGN, lt.DOWN_IN_LOOP, lt.INT8_DESIGN = design, down_in_loop, int8_design
-    try:
+    kw, design, int8_mode = case
+    p = ld.Problem(kw["M"], kw["K"], kw["N"], sum(kw["ranks"]), kw["dtype"],
+                   kw["training"] and any(q > 0 for q in kw["ps"]), kw["int8"], "cpu", len(kw["ranks"]), True)
+    assume(design is None or ld.applicable(design, p, int8_mode))
+    assume(not (design == "reference" and p.dropout))  # torch's RNG: masks the test cannot know
+    with force_design(design, int8_mode):
         run_case(**kw)
-    finally:
-        lt.DESIGN = lt.DOWN_IN_LOOP = lt.INT8_DESIGN = None
 
 
-@pytest.mark.parametrize("design", lt.DESIGNS)
+@pytest.mark.parametrize("design", ld.TRITON_DESIGNS)
 def test_large_rank_several_adapters_with_dropout(monkeypatch, design):
-    monkeypatch.setattr(lt, "DESIGN", design)
+    force(monkeypatch, design)
     run_case(M=40, K=50, N=36, dtype=torch.float32, ranks=[64, 3, 17], scales=[0.25, 2.0, -1.0],
              ps=[0.5, 0.1, 0.0], trainable=[True, False, True], layout="3d")
 
 
-@pytest.mark.parametrize("design", lt.DESIGNS)
-@pytest.mark.parametrize("int8_design", ["dequant", "inloop"])
+@pytest.mark.parametrize("design, int8_design", [
+    ("cublas", "dequant"), ("fused", "dequant"), ("fused", "inloop"), ("fused_inloop", "inloop")])
 def test_int8_base(monkeypatch, design, int8_design):
-    monkeypatch.setattr(lt, "DESIGN", design)
-    monkeypatch.setattr(lt, "INT8_DESIGN", int8_design)
+    force(monkeypatch, design, int8_design)
     run_case(M=33, K=47, N=40, dtype=torch.float16, ranks=[8, 5], scales=[2.0, 0.5], ps=[0.25, 0.0],
              trainable=[True, True], int8=True, bias="trainable")
 
@@ -144,7 +156,7 @@ def test_design_switch_picks_the_path(monkeypatch, design, launches):
     calls = []
     real = lt.kl.lora_gemm
     monkeypatch.setattr(lt.kl, "lora_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(lt, "DESIGN", design)
+    force(monkeypatch, design)
     run_case(M=20, K=24, N=18, dtype=torch.float32, ranks=[4], scales=[1.0], ps=[0.0], trainable=[True])
     assert len(calls) == launches
 
@@ -173,8 +185,7 @@ def _spy(monkeypatch):
     ([0.0, 0.0], [40, 25], 2, False),  # R = 65 > DOWN_MAX_RANK: the split form
 ])
 def test_fused_design_takes_the_down_projection_into_the_loop(monkeypatch, ps, ranks, down_fwd, in_loop):
-    monkeypatch.setattr(lt, "DESIGN", "fused")
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    force(monkeypatch, "fused_inloop")
     calls = _spy(monkeypatch)
     # M spans 4 row blocks and K 3 column blocks of the interpreter's 32×32 tiles, so the atomic
     # dB sums over row blocks and only column block 0 may add.
@@ -190,8 +201,7 @@ def test_in_loop_dropout_masks_per_adapter(monkeypatch, x_grad):
     # Two dropped adapters and a frozen one between them inside one in-loop dX launch: each
     # adapter's columns of g must meet its own mask (a mask drawn for the wrong adapter passes
     # any test with a single dropped adapter).
-    monkeypatch.setattr(lt, "DESIGN", "fused")
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    force(monkeypatch, "fused_inloop")
     calls = _spy(monkeypatch)
     run_case(M=70, K=100, N=45, dtype=torch.float32, ranks=[5, 9, 3], scales=[0.5, -2.0, 1 / 3],
              ps=[0.5, 0.0, 0.25], trainable=[True, False, True], x_grad=x_grad, layout="3d_permuted")
@@ -200,8 +210,7 @@ def test_in_loop_dropout_masks_per_adapter(monkeypatch, x_grad):
 
 
 def test_deterministic_mode_keeps_dB_off_atomics(monkeypatch):
-    monkeypatch.setattr(lt, "DESIGN", "fused")
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
+    force(monkeypatch, "fused_inloop")
     calls = _spy(monkeypatch)
     torch.use_deterministic_algorithms(True)
     try:
@@ -212,29 +221,13 @@ def test_deterministic_mode_keeps_dB_off_atomics(monkeypatch):
     assert [c["V"] for c in calls["gemm"]] == [True, True] and not calls["gemm"][1]["dB"]
 
 
-def test_cost_model_choices(monkeypatch):
-    cd = lt.choose_design
-    # No adapter: the fused GEMM only while its speed gap costs less than addmm_'s pass over the
-    # output, i.e. for short reductions (the old FUSED_MAX_REDUCTION = 2048 rule, now derived).
-    assert cd(768, 768, 0, 0, False) == ("fused", False) and cd(4096, 768, 0, 0, False)[0] == "cublas"
-    # ViT-B proj, r = 16: recomputing g per 128-column block costs less than two passes over dY...
-    assert cd(768, 768, 16, 2, True) == ("fused", True)
-    # ...but not at r = 64 across 2304 output columns, nor where the kernel cannot take it in.
-    assert cd(768, 2304, 64, 1, True)[1] is False and cd(768, 768, 16, 2, False)[1] is False
-    monkeypatch.setattr(lt, "DESIGN", "cublas")
-    assert cd(768, 768, 16, 2, True) == ("cublas", False)
-    monkeypatch.setattr(lt, "DESIGN", None)
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", True)
-    assert cd(768, 2304, 64, 1, True) == ("fused", True)
-    assert cd(768, 2304, 64, 1, False)[1] is False  # never forced where the kernel cannot run it
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", False)
-    assert cd(768, 768, 16, 2, True) == ("fused", False)
-
-
 def test_unknown_design_is_an_error(monkeypatch):
-    monkeypatch.setattr(lt, "DESIGN", "fast")
     with pytest.raises(ValueError, match="'fast'"):
-        lt.lora_linear_triton(**_args(), training=True)
+        with force_design("fast"):
+            pass
+    force(monkeypatch, "fast")
+    with pytest.raises(ValueError, match=f"{ld.ENV_DESIGN}.*'fast'"):
+        lora_linear(**_args(), training=True, backend="triton")
 
 
 def test_dropout_mask_is_a_function_of_seed_position_and_adapter():
@@ -263,8 +256,7 @@ def test_fresh_seed_per_call_in_training_only(monkeypatch):
     assert torch.equal(e1, e2)
 
 
-def test_dequant_buffer_follows_in_place_updates(monkeypatch):
-    monkeypatch.setattr(lt, "INT8_DESIGN", "dequant")
+def test_dequant_buffer_follows_in_place_updates():
     torch.manual_seed(0)
     x = torch.randn(10, 24)
     CB = torch.randint(-127, 128, (16, 24), dtype=torch.int8)
@@ -285,7 +277,7 @@ def test_dequant_buffer_follows_in_place_updates(monkeypatch):
 def test_empty_batch_and_no_adapters():
     W, b = torch.randn(6, 5), torch.randn(6, requires_grad=True)
     x = torch.randn(0, 5, requires_grad=True)
-    y = lt.lora_linear_triton(x, W, b, [torch.randn(2, 5)], [torch.randn(6, 2)], [1.0], [0.0], True)
+    y = lora_linear(x, W, b, [torch.randn(2, 5)], [torch.randn(6, 2)], [1.0], [0.0], True, backend="triton")
     assert y.shape == (0, 6)
     y.sum().backward()
     assert x.grad.shape == (0, 5) and torch.equal(b.grad, torch.zeros(6))
@@ -353,11 +345,11 @@ def test_lora_linear_module_on_triton_matches_torch():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("design", lt.DESIGNS)
+@pytest.mark.parametrize("design", ld.TRITON_DESIGNS)
 def test_rank_256_at_tiny_shapes(monkeypatch, design):
     # Rank past BLOCK_R: several rank blocks in lora_down/lora_dA and several rank chunks inside
-    # one adapter's masked group in the dX kernel; M, K, N far below one tile.
-    monkeypatch.setattr(lt, "DESIGN", design)
+    # one adapter's masked block in the dX kernel; M, K, N far below one tile.
+    force(monkeypatch, design)
     run_case(M=3, K=5, N=7, dtype=torch.float32, ranks=[256, 7], scales=[0.5, -2.0], ps=[0.5, 0.25],
              trainable=[True, True], layout="strided")
 
@@ -377,7 +369,7 @@ build(kl._lora_down_kernel, dict(x_ptr=bf, a_ptr=bf, out_ptr=bf, seed="i64", coe
 build(kl._lora_dA_kernel, dict(g_ptr=bf, x_ptr=bf, out_ptr="*fp32", seed="i64", p="fp32"),
       dict(INPUT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=64), num_warps=4)
 gemm = dict(p_ptr=bf, q_ptr="*i8", c_ptr=bf, l_ptr=bf, u_ptr=bf, bias_ptr=bf, col_scale_ptr="*fp32",
-            row_scale_ptr="*fp32", group_offs_ptr="*i32", group_p_ptr="*fp32", v_ptr=bf,
+            row_scale_ptr="*fp32", adapter_offs_ptr="*i32", adapter_p_ptr="*fp32", v_ptr=bf,
             l_coef_ptr="*fp32", db_ptr="*fp32", s_ptr=bf, seed="i64")
 # int8 forward (column scale, bias, in-loop xa_s), int8 dX (row scale, dropout masks, in-loop g and
 # atomic dB), and the split form (L read from memory).

@@ -190,6 +190,18 @@ def test_nan_logits_give_nan_loss(penalty):
     assert math.isnan(out.loss.item())
 
 
+def test_std_penalty_of_a_nan_variance_is_nan_not_zero():
+    fn = FairnessLoss(3, penalty="std")
+    L = torch.tensor([1.0, float("nan"), 2.0])
+    present = torch.tensor([True, True, True])
+    assert math.isnan(fn._penalty(L, present, present.sum()).item())
+    # an exact 0 still gives 0 with a finite gradient
+    L0 = torch.tensor([1.5, 1.5, 1.5], requires_grad=True)
+    pen = fn._penalty(L0, present, present.sum())
+    pen.backward()
+    assert pen.item() == 0.0 and torch.isfinite(L0.grad).all()
+
+
 def test_none_penalty_is_mean_cross_entropy():
     x, y = torch.randn(5, 4), torch.tensor([0, 1, -100, 3, 2])
     out = FairnessLoss(2, penalty="none", lam=5.0)(x, y, torch.tensor([0, 1, 1, 0, 0]))
@@ -202,6 +214,11 @@ def test_none_penalty_is_mean_cross_entropy():
     (dict(lam=-1.0), "lam"),
     (dict(alpha=0.0), "alpha"),
     (dict(step_size=-0.1), "step_size"),
+    (dict(lam=float("inf")), "lam must be a finite number >= 0, got inf"),
+    (dict(lam=float("nan")), "lam.*got nan"),
+    (dict(alpha=float("inf")), "alpha.*got inf"),
+    (dict(step_size=float("inf")), "step_size must be a finite number >= 0, got inf"),
+    (dict(step_size=float("nan")), "step_size.*got nan"),
     (dict(label_smoothing=2.0), "label_smoothing"),
     (dict(backend="gpu"), "backend"),
 ])

@@ -27,10 +27,19 @@ Group sums are accumulated with fp32 atomics: correct to rounding, not bitwise r
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
 from ..backend import nvtx_range, resolve_backend
+
+def kg():
+    """The Triton module, imported on first use: the reference path runs without Triton."""
+    from ..kernels import grouped_ce
+
+    return grouped_ce
+
 
 _INT64_MAX = 2**63 - 1
 _SHIFT = 2**31
@@ -164,50 +173,17 @@ def grouped_cross_entropy_reference(
     return loss, group_sum, group_count
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _tiles(n_cols: int, num_groups: int):
-    block_c = min(_next_pow2(n_cols), 4096)
-    block_n = max(1, min(4096 // block_c, 128))
-    block_g = _next_pow2(num_groups)
-    one_hot = block_g <= 64
-    num_warps = 8 if block_n * block_c >= 4096 else 4
-    return block_n, block_c, block_g, one_hot, num_warps
-
-
 class GroupedCrossEntropyFunction(torch.autograd.Function):
     """Fused forward (per-row loss, group sums and counts) and backward (new dlogits tensor)."""
 
     @staticmethod
     def forward(ctx, logits, labels, groups, num_groups, ignore_index, label_smoothing, flags):
-        from fastfair.kernels.grouped_ce import grouped_ce_fwd_kernel
-
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         labels, groups = labels.contiguous(), groups.contiguous()  # the kernels index them densely
-        n, c = logits.shape
-        dev = logits.device
-        loss = _empty(n, torch.float32, dev)
-        lse = _empty(n, torch.float32, dev)
-        group_sum = torch.zeros(num_groups, dtype=torch.float32, device=dev)
-        group_count = torch.zeros(num_groups, dtype=torch.float32, device=dev)
-        bn, bc, bg, one_hot, warps = _tiles(c, num_groups)
-        if n:
-            with nvtx_range("fastfair.grouped_ce.fwd"):
-                grouped_ce_fwd_kernel[(-(-n // bn),)](
-                    logits, logits.stride(0), labels, groups,
-                    loss, lse, group_sum, group_count, flags,
-                    n, c, num_groups, ignore_index, float(label_smoothing),
-                    BLOCK_N=bn, BLOCK_C=bc, BLOCK_G=bg, ONE_HOT_GROUPS=one_hot,
-                    SMOOTH=label_smoothing > 0, num_warps=warps,
-                )
+        with nvtx_range("fastfair.grouped_ce.fwd"):
+            loss, lse, group_sum, group_count = kg().grouped_ce_forward(
+                logits, labels, groups, num_groups, ignore_index, label_smoothing, flags)
         ctx.save_for_backward(logits, labels, groups, lse)
         ctx.meta = (num_groups, ignore_index, float(label_smoothing))
         ctx.mark_non_differentiable(group_count)
@@ -216,25 +192,100 @@ class GroupedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_sum, _grad_count):
-        from fastfair.kernels.grouped_ce import grouped_ce_bwd_kernel
-
         logits, labels, groups, lse = ctx.saved_tensors
         num_groups, ignore_index, smoothing = ctx.meta
-        n, c = logits.shape
-        # A new tensor: writing into logits would corrupt it for anyone else who reads it.
-        dlogits = _empty((n, c), logits.dtype, logits.device)
-        bn, bc, _, _, warps = _tiles(c, num_groups)
-        if n:
-            with nvtx_range("fastfair.grouped_ce.bwd"):
-                grouped_ce_bwd_kernel[(-(-n // bn),)](
-                    logits, logits.stride(0), labels, groups, lse,
-                    grad_loss.contiguous() if grad_loss is not None else lse,
-                    grad_sum.contiguous() if grad_sum is not None else lse,
-                    dlogits, n, c, num_groups, ignore_index, smoothing,
-                    BLOCK_N=bn, BLOCK_C=bc, HAS_GRAD_LOSS=grad_loss is not None,
-                    HAS_GRAD_SUM=grad_sum is not None, SMOOTH=smoothing > 0, num_warps=warps,
-                )
+        with nvtx_range("fastfair.grouped_ce.bwd"):
+            dlogits = kg().grouped_ce_backward(
+                logits, labels, groups, lse,
+                None if grad_loss is None else grad_loss.contiguous(),
+                None if grad_sum is None else grad_sum.contiguous(),
+                num_groups, ignore_index, smoothing)
         return dlogits, None, None, None, None, None, None
+
+
+# -- torch.library custom ops: fastfair::grouped_cross_entropy and its backward ---------------------
+# The reference is the CPU kernel, the Triton launchers the CUDA one; torch.compile sees opaque ops.
+# Functional (autograd can only be registered for ops that mutate nothing): the updated bad-row
+# record comes back as a fifth output, copied into the caller's ``flags`` outside the op.
+@torch.library.custom_op("fastfair::grouped_cross_entropy", mutates_args=())
+def grouped_ce_op(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                  ignore_index: int, label_smoothing: float, flags: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, group_sum, group_count, lse, flags updated with this batch's bad rows)``."""
+    flags = flags.clone()
+    loss, gsum, gcount = grouped_cross_entropy_reference(
+        logits, labels, groups, num_groups, ignore_index, label_smoothing, flags)
+    lse = torch.logsumexp(logits.to(loss.dtype), 1)
+    return loss, gsum, gcount, lse, flags
+
+
+@grouped_ce_op.register_fake
+def _(logits, labels, groups, num_groups, ignore_index, label_smoothing, flags):
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    n = logits.shape[0]
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(num_groups, dtype=dt),
+            logits.new_empty(num_groups, dtype=dt), logits.new_empty(n, dtype=dt), torch.empty_like(flags))
+
+
+@grouped_ce_op.register_kernel("cuda")
+def _(logits, labels, groups, num_groups, ignore_index, label_smoothing, flags):
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    flags = flags.clone()
+    loss, lse, gsum, gcount = kg().grouped_ce_forward(
+        logits, labels.contiguous(), groups.contiguous(), num_groups, ignore_index, label_smoothing, flags)
+    return loss, gsum, gcount, lse, flags
+
+
+@torch.library.custom_op("fastfair::grouped_cross_entropy_backward", mutates_args=())
+def grouped_ce_backward_op(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor,
+                           grad_loss: Optional[torch.Tensor], grad_sum: Optional[torch.Tensor],
+                           num_groups: int, ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    """``dlogits = coef_i · (softmax_i − target_i)`` with ``coef_i = ∂ℓ/∂loss_i + ∂ℓ/∂group_sum_g``."""
+    n, c = logits.shape
+    used = labels != ignore_index
+    valid = used & (labels >= 0) & (labels < c) & (groups >= 0) & (groups < num_groups)
+    coef = torch.zeros(n, dtype=lse.dtype, device=logits.device)
+    if grad_loss is not None:
+        coef = coef + grad_loss.to(lse.dtype)
+    if grad_sum is not None:
+        coef = coef + grad_sum.to(lse.dtype)[torch.where(valid, groups.long(), 0)]
+    prob = torch.exp(logits.to(lse.dtype) - lse[:, None])
+    target = F.one_hot(torch.where(valid, labels.long(), 0), c).to(lse.dtype) * (1.0 - label_smoothing)
+    target = target + label_smoothing / c
+    d = torch.where(valid[:, None], coef[:, None] * (prob - target), 0.0)
+    return d.to(logits.dtype)
+
+
+@grouped_ce_backward_op.register_fake
+def _(logits, labels, groups, lse, grad_loss, grad_sum, num_groups, ignore_index, label_smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@grouped_ce_backward_op.register_kernel("cuda")
+def _(logits, labels, groups, lse, grad_loss, grad_sum, num_groups, ignore_index, label_smoothing):
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return kg().grouped_ce_backward(
+        logits, labels.contiguous(), groups.contiguous(), lse,
+        None if grad_loss is None else grad_loss.contiguous(),
+        None if grad_sum is None else grad_sum.contiguous(), num_groups, ignore_index, label_smoothing)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, labels, groups, num_groups, ignore_index, label_smoothing, _ = inputs
+    ctx.save_for_backward(logits, labels, groups, output[3])
+    ctx.meta = (num_groups, ignore_index, float(label_smoothing))
+
+
+def _ce_backward(ctx, grad_loss, grad_sum, _grad_count, _grad_lse, _grad_flags):
+    logits, labels, groups, lse = ctx.saved_tensors
+    d = torch.ops.fastfair.grouped_cross_entropy_backward(logits, labels, groups, lse, grad_loss, grad_sum,
+                                                          *ctx.meta)
+    return d, None, None, None, None, None, None
+
+
+grouped_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def grouped_cross_entropy(
@@ -269,6 +320,14 @@ def grouped_cross_entropy(
             raise ValueError("the Triton grouped_cross_entropy takes fp32/fp16/bf16 logits, got "
                              "float64; use backend='torch'")
         use = "torch"
+    if torch.compiler.is_compiling():  # one opaque op (nvtx ranges are for eager only)
+        if use == "torch" and logits.is_cuda:
+            return grouped_cross_entropy_reference(
+                logits, labels, groups, num_groups, ignore_index, label_smoothing, flags)
+        loss, gsum, gcount, _, new = torch.ops.fastfair.grouped_cross_entropy(
+            logits, labels, groups, num_groups, ignore_index, float(label_smoothing), flags)
+        flags.copy_(new)
+        return loss, gsum, gcount
     if use == "triton":
         return GroupedCrossEntropyFunction.apply(
             logits, labels, groups, num_groups, ignore_index, float(label_smoothing), flags)

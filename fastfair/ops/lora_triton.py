@@ -17,108 +17,45 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..backend import nvtx_range, resolve_backend
-from ..kernels import lora as kl
 from ..int8 import Int8Weight
-from .lora import lora_linear_reference
+from ..kernels import _utils
+from ..kernels import lora as kl
+from ..kernels import lora_tiles as tiles
+from .lora_design import INT8_MODES, TRITON_DESIGNS
 
-# Module-level switches (the benchmark forces each design through them). None: the cost model.
-DESIGN: str | None = None  # "fused" | "cublas"
-DOWN_IN_LOOP: bool | None = None  # design "fused": down-projection inside the GEMM's loop or not
-INT8_DESIGN: str | None = None  # "dequant" | "inloop"
-DESIGNS = ("fused", "cublas")
-# The cost model of docs/kernels/lora.md §4: H100 SXM figures and a guess of the Triton GEMM's
-# efficiency. Predictions all, to be calibrated from a GPU run of bench/lora_linear.py.
-GEMM_FLOPS = 650e12  # cuBLAS bf16 at ViT training shapes (about two thirds of the dense peak)
-HBM_BYTES = 3.35e12
-TRITON_EFF = 0.85  # fused Triton GEMM speed ÷ cuBLAS
-TILE_N = 128  # output columns per block: the in-loop down-projection is recomputed once per block
-MAX_RANK = 256
+MAX_RANK = tiles.MAX_RANK
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the kernels write comes from here (tests patch it to hand out NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh Philox seed on ``device`` from its generator: the kernels load it, so it never
+    travels to the host (no ``.item()``, no sync, nothing for torch.compile to break on)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def _draw_seed() -> int:
-    # The CPU generator: a host value, so drawing it never waits for the GPU.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+def loop_plan(design: str, R: int, dropout: bool) -> tuple[bool, bool]:
+    """(forward down-projection in the loop, dX's ``g``/``dB`` in the loop) for ``design``.
 
-
-def choose_design(reduction: int, out: int, rank: int, passes: int, can_loop: bool) -> tuple[str, bool]:
-    """(design, down-projection in the loop) for one GEMM of the layer, by predicted time per row.
-
-    ``reduction``/``out``: the GEMM's reduction length and output width (forward K/N, dX N/K);
-    ``passes``: how many separate passes over the GEMM's M×reduction input the in-loop form saves
-    (forward: one ``lora_down`` per adapter; dX: ``g`` plus one ``dB`` per trainable adapter);
-    ``can_loop``: the kernel can take it in (total rank <= 64, and no dropout in the forward).
-    Forced choices (``DESIGN``, ``DOWN_IN_LOOP``) win; in-loop is never forced where it cannot run.
+    Only ``fused_inloop`` loops. Its forward cannot with dropout: each adapter's mask would have
+    to be redrawn per output column block, so the down-projection stays a separate pass there.
     """
-    if DESIGN is not None and DESIGN not in DESIGNS:
-        raise ValueError(f"fastfair.ops.lora_triton.DESIGN must be one of {DESIGNS} or None, got {DESIGN!r}")
-    t0 = 2.0 * reduction * out / GEMM_FLOPS  # base GEMM by cuBLAS, per row of M
-    rereads = passes * 2.0 * reduction / HBM_BYTES  # separate down-projection passes (16-bit)
-    r_pad = max(16, 1 << max(rank - 1, 0).bit_length())
-    cost = {("cublas", False): t0 + 4.0 * out / HBM_BYTES + rereads,  # addmm_ reads, rewrites out
-            ("fused", False): t0 / TRITON_EFF + rereads}
-    if can_loop and rank > 0:
-        cost[("fused", True)] = t0 / TRITON_EFF * (1.0 + r_pad / TILE_N)
-    if DESIGN is not None:
-        cost = {k: v for k, v in cost.items() if k[0] == DESIGN}
-    if DOWN_IN_LOOP is not None and len(cost) > 1:
-        cost = {k: v for k, v in cost.items() if k[1] == DOWN_IN_LOOP} or cost
-    return min(cost, key=cost.get)
+    can = design == "fused_inloop" and 0 < R <= tiles.DOWN_MAX_RANK
+    return can and not dropout, can
 
 
-def forward_design(K: int, N: int, R: int, n_adapters: int, dropout: bool) -> tuple[str, bool]:
-    """``choose_design`` for the forward GEMM. With dropout each adapter's mask would have to be
-    redrawn per output column block, so the down-projection stays a separate pass."""
-    return choose_design(K, N, R, n_adapters, can_loop=0 < R <= kl.DOWN_MAX_RANK and not dropout)
-
-
-def dx_design(N: int, K: int, R: int, atomic_dB: int) -> tuple[str, bool]:
-    """``choose_design`` for dX, whose loop can also take ``g`` and the ``atomic_dB`` adapters' dB."""
-    return choose_design(N, K, R, 1 + atomic_dB, can_loop=0 < R <= kl.DOWN_MAX_RANK)
-
-
-def choose_int8() -> str:
-    """``INT8_DESIGN`` when set, else dequantize + GEMM (reported ~4% over bf16 on H100)."""
-    return INT8_DESIGN if INT8_DESIGN is not None else "dequant"
-
-
-# -- int8 dequantization into one reused buffer ---------------------------------------------------
-_DEQUANT: dict = {}  # (device, dtype) -> (flat buffer, tag of the weight it holds)
-
-
-def _dequantized(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``CB · SCB/127`` in ``dtype``, in a buffer shared by all layers on the device.
-
-    The buffer is rewritten only when it holds another weight (or the same one changed in place),
-    so a layer's forward and the backward right after it dequantize once. All work is on the
-    current stream, in order; not safe if layers run on several streams at once.
-    """
-    key = (CB.device, dtype)
-    buf, tag = _DEQUANT.get(key, (None, None))
-    want = (CB.shape, CB._version, SCB._version)
-    n_el = CB.numel()
-    if tag is not None and tag[0]() is CB and tag[1]() is SCB and tag[2] == want:
-        return buf[:n_el].view(CB.shape)
-    if buf is None or buf.numel() < n_el:
-        _DEQUANT.pop(key, None)  # free the smaller buffer before allocating its successor
-        buf = _alloc((n_el,), dtype, CB.device)
-    w = buf[:n_el].view(CB.shape)
+def _dense(w, scb, dtype):
+    """The base weight in ``dtype``; int8 is dequantized into a buffer of this call only (a global
+    cache shared between layers aliases inputs under torch.compile)."""
+    if scb is None:
+        return w.to(dtype)
     with nvtx_range("fastfair.lora.dequant_int8"):
-        torch.mul(CB, (SCB.float() / 127.0).unsqueeze(1), out=w)
-    _DEQUANT[key] = (buf, (weakref.ref(CB), weakref.ref(SCB), want))
-    return w
+        return torch.mul(w, (scb.float() / 127.0).unsqueeze(1), out=_utils.alloc(w.shape, dtype, w.device))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -199,8 +136,9 @@ class _Plan:
     coefs: tuple  # c_a = s_a / (1 - p_a) when dropout is on, else s_a
     ps: tuple
     dropout: bool  # training and some p_a > 0
-    seed: int
-    int8: str
+    seed: torch.Tensor | None  # int64 [1] on x's device, read by the kernels
+    int8: str  # "dequant" | "inloop"
+    design: str  # "cublas" | "fused" | "fused_inloop"
 
     @property
     def n(self) -> int:
@@ -216,10 +154,6 @@ def _stack(tensors, dtype, dim):
     return torch.cat([t.to(dtype) for t in tensors], dim)
 
 
-def _dense(w, scb, dtype):
-    return _dequantized(w, scb, dtype) if scb is not None else w.to(dtype)
-
-
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scb, bias, plan: _Plan, *ab):
@@ -230,11 +164,11 @@ class LoRALinearFunction(torch.autograd.Function):
         A_cat = _stack(ab[:n], dt, 0) if n else None
         B_cat = _stack(ab[n:], dt, 1) if n else None
         bias_c = None if bias is None else bias.to(dt)
-        design, down = forward_design(Kdim, N, R, n, plan.dropout)
+        design, down = plan.design, loop_plan(plan.design, R, plan.dropout)[0]
         inloop8 = scb is not None and plan.int8 == "inloop"
         xa, lora = None, {}
         if n:
-            xa = _alloc((M, R), dt, dev)
+            xa = _utils.alloc((M, R), dt, dev)
             lora = dict(L=xa, U=B_cat, u_transposed=True)
             if down:
                 lora.update(V=A_cat, v_transposed=True, store_l=True,
@@ -245,7 +179,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     with nvtx_range("fastfair.lora.down"):
                         kl.lora_down(x2, A_cat, xa, plan.seed, plan.coefs[a], plan.ps[a], a,
                                     plan.starts[a], plan.starts[a + 1] - plan.starts[a], drop)
-        y = _alloc((M, N), dt, dev)
+        y = _utils.alloc((M, N), dt, dev)
         if inloop8:
             with nvtx_range("fastfair.lora.fused_gemm_int8"):
                 kl.lora_gemm(x2, w, y, q_transposed=True, bias=bias_c,
@@ -288,15 +222,14 @@ class LoRALinearFunction(torch.autograd.Function):
         # the dY tiles that dX's loop holds anyway. dB then adds in fp32 atomics, whose order
         # varies: not under torch.use_deterministic_algorithms.
         atomic_dB = any(train_B) and not torch.are_deterministic_algorithms_enabled()
-        design, down = dx_design(N, Kdim, R, sum(train_B) if atomic_dB else 0)
-        down = down and need_x
+        design, down = plan.design, loop_plan(plan.design, R, plan.dropout)[1] and need_x
         db32 = None
         if down and atomic_dB:
             db32 = torch.zeros((N, R), dtype=torch.float32, device=dev)
 
         gs = None
         if n and (any(train_A) or (need_x and not down)):
-            gs = _alloc((M, R), dt, dev)
+            gs = _utils.alloc((M, R), dt, dev)
             if not down:
                 # gs[:, a] = c_a · dY B_a: the scale rides on B (R×N), never on an M-sized tensor.
                 B_s = torch.cat([B_cat[:, plan.sl(a)] * plan.coefs[a] for a in range(n)], 1)
@@ -304,7 +237,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     torch.mm(dy2, B_s, out=gs)
 
         if need_x:
-            dx = _alloc((M, Kdim), dt, dev)
+            dx = _utils.alloc((M, Kdim), dt, dev)
             lora = {}
             if n:
                 lora = dict(L=gs, U=A_cat)
@@ -313,7 +246,7 @@ class LoRALinearFunction(torch.autograd.Function):
                                 l_coef=_rank_coefs(dev, plan.starts, plan.coefs))
                 if plan.dropout:
                     offs, ps = _group_meta(dev, plan.starts, plan.ps)
-                    lora.update(group_offs=offs, group_p=ps, n_groups=n, seed=plan.seed)
+                    lora.update(adapter_offs=offs, adapter_p=ps, n_adapters=n, seed=plan.seed)
             if inloop8:
                 with nvtx_range("fastfair.lora.bwd_dx_fused_int8"):
                     kl.lora_gemm(dy2, w, dx, q_transposed=False, row_scale=scb.float() / 127.0, **lora)
@@ -338,7 +271,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if train_A[a]:
                 if plan.dropout and plan.ps[a] > 0:
                     rank = sl.stop - sl.start
-                    part = _alloc((kl.dA_splits(M, Kdim, rank, dev), rank, Kdim), torch.float32, dev)
+                    part = _utils.alloc((kl.dA_splits(M, Kdim, rank, dev), rank, Kdim), torch.float32, dev)
                     with nvtx_range("fastfair.lora.bwd_dA"):
                         kl.lora_dA_partial(gs, x2, part, plan.seed, plan.ps[a], a, sl.start, rank)
                     dA[a] = part.sum(0).to(ctx.ab_dtypes[a])
@@ -366,16 +299,24 @@ def lora_linear_triton(
     scales: Sequence[float],
     dropout: Sequence[float],
     training: bool = True,
+    design: str = "fused",
+    int8: str = "dequant",
 ) -> torch.Tensor:
-    """Fused LoRA linear on Triton; same contract as ``lora_linear_reference`` (without masks).
+    """LoRA linear on Triton; same contract as ``lora_linear_reference`` (without masks).
 
+    ``design``: "cublas", "fused" or "fused_inloop"; ``int8``: "dequant" or "inloop" (fused
+    designs). Empty inputs are the dispatcher's (``fastfair.ops.lora``) to route to the reference.
     Raises ``ValueError`` for unsupported input before any kernel runs.
     """
     _check(x, weight, bias, lora_A, lora_B, scales, dropout)
     resolve_backend("triton", x.device)  # CPU tensors only under TRITON_INTERPRET=1
-    N = weight.shape[0]
-    if x.numel() == 0 or N == 0:  # nothing for a kernel to do; keep autograd's shapes right
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training)
+    if design not in TRITON_DESIGNS or int8 not in INT8_MODES:
+        raise ValueError(f"design must be one of {TRITON_DESIGNS} and int8 one of {tuple(INT8_MODES)}, "
+                         f"got {design!r}, {int8!r}")
+    if int8 == "inloop" and design == "cublas":
+        raise ValueError("int8='inloop' runs in the fused designs only, not 'cublas'")
+    if x.numel() == 0 or weight.shape[0] == 0:
+        raise ValueError("lora_linear_triton needs a non-empty x and weight (lora_linear routes empty calls)")
     drop = bool(training) and any(p > 0 for p in dropout)
     starts = [0]
     for A in lora_A:
@@ -385,11 +326,61 @@ def lora_linear_triton(
         coefs=tuple(float(s) / (1.0 - p) if drop and p > 0 else float(s) for s, p in zip(scales, dropout)),
         ps=tuple(float(p) if drop else 0.0 for p in dropout),
         dropout=drop,
-        seed=_draw_seed() if drop else 0,
-        int8=choose_int8(),
+        seed=_draw_seed(x.device) if drop else None,
+        int8=int8,
+        design=design,
     )
     if isinstance(weight, Int8Weight):
         w, scb = weight.CB, weight.SCB
     else:
         w, scb = weight, None
     return LoRALinearFunction.apply(x, w, scb, bias, plan, *lora_A, *lora_B)
+
+
+# -- the CUDA kernels of the fastfair::lora_linear custom ops (torch.compile's path) -------------
+class _Ctx:
+    """Stands in for autograd's ctx so the ops reuse LoRALinearFunction's forward and backward."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _op_plan(lora_A, scales, dropout, seed, design, int8_mode) -> _Plan:
+    drop = seed is not None and any(p > 0 for p in dropout)
+    starts = [0]
+    for A in lora_A:
+        starts.append(starts[-1] + A.shape[0])
+    return _Plan(starts=tuple(starts), coefs=tuple(float(s) / (1.0 - p) if p > 0 else float(s)
+                                                   for s, p in zip(scales, dropout)),
+                 ps=tuple(float(p) for p in dropout), dropout=drop, seed=seed if drop else None,
+                 int8=int8_mode, design=design)
+
+
+def op_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode):
+    """``(y, xa_s, no masks)``: the Triton kernels redraw their masks from ``seed`` in backward."""
+    plan = _op_plan(lora_A, scales, dropout, seed, design, int8_mode)
+    ctx = _Ctx()
+    y = LoRALinearFunction.forward(ctx, x, weight, weight_scale, bias, plan, *lora_A, *lora_B)
+    xa = ctx.saved_tensors[5]
+    M = y.numel() // max(y.shape[-1], 1)
+    xa = x.new_empty((M, 0)) if xa is None else xa
+    K = x.shape[-1]
+    return y, xa, x.new_empty((0, M, (K + 7) // 8), dtype=torch.uint8)
+
+
+def op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, seed, scales, dropout, design, int8_mode, needs):
+    """``(dx, dbias fp32, dA, dB)`` as ``fastfair::lora_linear_backward`` returns them."""
+    n, dt = len(lora_A), x.dtype
+    ctx = _Ctx()
+    ctx.plan = _op_plan(lora_A, scales, dropout, seed, design, int8_mode)
+    ctx.x_shape, ctx.bias_dtype = x.shape, torch.float32
+    ctx.ab_dtypes = [t.dtype for t in (*lora_A, *lora_B)]
+    # needs_input_grad in the Function's argument order: x, w, scb, bias, plan, *A, *B
+    ctx.needs_input_grad = (needs[0], False, False, needs[1], False, *needs[2:])
+    A_cat = _stack(lora_A, dt, 0) if n else None
+    B_cat = _stack(lora_B, dt, 1) if n else None
+    ctx.saved_tensors = (x.reshape(-1, x.shape[-1]), weight, weight_scale, A_cat, B_cat,
+                         xa if xa.shape[1] else None)
+    dx, _, _, dbias, _, *grads = LoRALinearFunction.backward(ctx, dy)
+    fill = lambda t: x.new_empty(0) if t is None else t  # noqa: E731  (returns may not alias)
+    return fill(dx), fill(dbias), [fill(t) for t in grads[:n]], [fill(t) for t in grads[n:]]

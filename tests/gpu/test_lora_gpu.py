@@ -4,10 +4,12 @@ import math
 import pytest
 import torch
 
-from fastfair.kernels.lora import dropout_mask
-from fastfair.ops import lora_triton as lt
 from fastfair.int8 import Int8Weight
-from fastfair.ops.lora import lora_linear_reference
+from fastfair.kernels import _utils
+from fastfair.kernels.lora import dropout_mask
+from fastfair.ops import lora_design as ld
+from fastfair.ops import lora_triton as lt
+from fastfair.ops.lora import force_design, lora_linear, lora_linear_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -17,15 +19,11 @@ VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N): qkv, proj
 
 @pytest.fixture(autouse=True)
 def _pin_seed(monkeypatch):
-    monkeypatch.setattr(lt, "_draw_seed", lambda: SEED)
-    monkeypatch.setattr(lt, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
-    monkeypatch.setattr(lt, "_DEQUANT", {})
+    monkeypatch.setattr(lt, "_draw_seed", lambda device: SEED)
+    monkeypatch.setattr(_utils, "alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
 
 
-def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch, down_in_loop=None):
-    monkeypatch.setattr(lt, "DESIGN", design)
-    monkeypatch.setattr(lt, "DOWN_IN_LOOP", down_in_loop)
-    monkeypatch.setattr(lt, "INT8_DESIGN", int8_design)
+def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(M + K + N)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
     x = rnd(M // 197, 197, K).to(dtype).requires_grad_()
@@ -40,9 +38,10 @@ def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch, dow
     As = [(rnd(r, K) / math.sqrt(K)).requires_grad_() for r in ranks]
     Bs = [(rnd(N, r) / math.sqrt(r)).requires_grad_() for r in ranks]
     scales = [2.0 / (i + 1) for i in range(len(ranks))]
-    y = lt.lora_linear_triton(x, w, b, As, Bs, scales, ps, True)
-    dy = rnd(*y.shape).to(dtype)
-    y.backward(dy)
+    with force_design(design, int8_design if int8 else None):
+        y = lora_linear(x, w, b, As, Bs, scales, ps, True)
+        dy = rnd(*y.shape).to(dtype)
+        y.backward(dy)
 
     masks = [dropout_mask(SEED, M, K, p, a, "cuda").view(x.shape) if p > 0 else None
              for a, p in enumerate(ps)]
@@ -61,30 +60,30 @@ def check(M, K, N, dtype, ranks, ps, int8, design, int8_design, monkeypatch, dow
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K, N", VIT_B)
-@pytest.mark.parametrize("design, down_in_loop, p", [
-    ("fused", True, 0.0),  # x Aᵀ, dY B and dB all inside the GEMMs' loops
-    ("fused", True, 0.1),  # forward down-projection as a pass (dropout), dX's in the loop
-    ("fused", False, 0.1), ("cublas", None, 0.1)])
+@pytest.mark.parametrize("design, p", [
+    ("fused_inloop", 0.0),  # x Aᵀ, dY B and dB all inside the GEMMs' loops
+    ("fused_inloop", 0.1),  # forward down-projection as a pass (dropout), dX's in the loop
+    ("fused", 0.1), ("cublas", 0.1), ("merged", 0.0), ("cublas", 0.0)])
 @pytest.mark.parametrize("r", [8, 64])
-def test_vit_b_shapes(dtype, K, N, design, down_in_loop, p, r, monkeypatch):
-    check(8 * 197, K, N, dtype, [r], [p], False, design, None, monkeypatch, down_in_loop)
+def test_vit_b_shapes(dtype, K, N, design, p, r, monkeypatch):
+    check(8 * 197, K, N, dtype, [r], [p], False, design, None, monkeypatch)
 
 
 @pytest.mark.parametrize("design, int8_design", [("fused", "dequant"), ("cublas", "dequant"),
-                                                 ("fused", "inloop")])
+                                                 ("fused", "inloop"), ("merged", "dequant")])
 @pytest.mark.parametrize("K, N", [(1024, 4096), (4096, 1024)])  # ViT-L fc1, fc2
 def test_int8_base_vit_l(design, int8_design, K, N, monkeypatch):
     check(4 * 197, K, N, torch.bfloat16, [16], [0.0], True, design, int8_design, monkeypatch)
 
 
-@pytest.mark.parametrize("design", lt.DESIGNS)
+@pytest.mark.parametrize("design", ld.TRITON_DESIGNS)
 def test_stacked_adapters_rank_256(design, monkeypatch):
     check(2 * 197, 1024, 3072, torch.bfloat16, [256, 8, 1], [0.1, 0.0, 0.3], False, design, None,
           monkeypatch)
 
 
 def test_training_step_has_no_host_sync(monkeypatch):
-    monkeypatch.setattr(lt, "_alloc", lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
+    monkeypatch.setattr(_utils, "alloc", lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
     x = torch.randn(4 * 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     CB = torch.randint(-127, 128, (2304, 768), device="cuda", dtype=torch.int8)
     SCB = torch.rand(2304, device="cuda")
@@ -92,7 +91,7 @@ def test_training_step_has_no_host_sync(monkeypatch):
     B = torch.randn(2304, 16, device="cuda", requires_grad=True)
 
     def step():
-        y = lt.lora_linear_triton(x, Int8Weight(CB, SCB), None, [A, A], [B, B], [1.0, 0.5], [0.1, 0.2], True)
+        y = lora_linear(x, Int8Weight(CB, SCB), None, [A, A], [B, B], [1.0, 0.5], [0.1, 0.2], True)
         y.backward(torch.ones_like(y))
 
     step()  # compiles, autotunes, caches the adapters' offsets
