@@ -33,6 +33,7 @@ GROUP_KEYS = ("group", "class", "attribute")
 METHODS = ("erm", "fairlora", "groupdro", "reweight", "jtt", "dfr")
 GRID_KEYS = ("method", "rank", "lam", "penalty", "loss_groups", "seed")
 DEFAULT_RANKS = (1, 4, 16, 64)
+MAX_LABELS = 12  # points in pareto.png beyond which only the front is labelled
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,8 @@ def methods_table(summary: list[dict], split: str = "test", metrics=METHOD_METRI
 
 
 def methods_plot(summary: list[dict], path, split: str = "test") -> None:
-    """Worst-group against mean accuracy, one colour per method (and rank), whiskers of the
-    sample std over seeds where there are several."""
+    """Worst-group against mean accuracy, one colour per method (its ranks labelled when there are
+    several), whiskers of the sample std over seeds where there are several."""
     from ..report import pareto_plot
 
     multi_rank = len({s["rank"] for s in summary}) > 1
@@ -295,8 +296,9 @@ def methods_plot(summary: list[dict], path, split: str = "test") -> None:
                 "accuracy", "worst_group_accuracy",
                 errors=[(s["accuracy_std"], s["worst_group_accuracy_std"]) for s in summary],
                 n_seeds=[s["n_seeds"] for s in summary], error_label="± sample std",
-                color_by=[s["setting"] + (f", rank {s['rank']}" if multi_rank else "") for s in summary],
-                color_name="", title=f"Methods side by side, {split} split (means over seeds)")
+                labels=[f"r{s['rank']}" for s in summary] if multi_rank else None,
+                color_by=[s["setting"] for s in summary], color_name="",
+                title=f"Methods side by side, {split} split (means over seeds)")
 
 
 def write_method_comparison(rows: list[dict], out_dir: Path, split: str = "test") -> dict:
@@ -362,13 +364,19 @@ def point_label(row: dict, with_seed: bool) -> str:
 def finish_sweep(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str, split: str) -> str:
     """Tables, plots and summary of the collected rows (main process); with several methods also
     their side-by-side comparison (``methods.{md,json,png}``)."""
-    from ..report import compare_runs, pareto_plot
+    from ..metrics import higher_is_better
+    from ..report import compare_runs, pareto_front, pareto_plot
 
     write_table(rows, sweep_dir, x, y, metric)
     several = len({r["seed"] for r in rows}) > 1
-    pareto_plot(sweep_dir / "pareto.png", [(r.get(f"{split}/{x}"), r.get(f"{split}/{y}")) for r in rows], x, y,
-                labels=[point_label(r, several) for r in rows], color_by=[r["rank"] for r in rows], color_name="rank",
-                title=f"FairLoRA sweep, {split} split")
+    points = [(r.get(f"{split}/{x}"), r.get(f"{split}/{y}")) for r in rows]
+    labels = [point_label(r, several) for r in rows]
+    if len(rows) > MAX_LABELS:  # a label per point would bury them: the front's only, the colour tells the rank
+        front = set(pareto_front(points, (higher_is_better(x), higher_is_better(y))))
+        labels = [t if i in front else "" for i, t in enumerate(labels)]
+    pareto_plot(sweep_dir / "pareto.png", points, x, y, labels=labels, color_by=[r["rank"] for r in rows],
+                color_name="rank", title=f"FairLoRA sweep, {split} split" +
+                (" (labels on the Pareto front)" if len(rows) > MAX_LABELS else ""))
     # the report module's comparison too: its table carries the runs' bootstrap intervals
     compare_runs([str(sweep_dir / r["run"]) for r in rows], str(sweep_dir / "compare"), x=x, y=y,
                  split=split, labels=[r["run"] for r in rows])

@@ -335,21 +335,24 @@ def plot_study(study, objectives, out: Path) -> Path:
         return path
     import warnings
 
+    import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+    # optuna's plots switch the global style to ggplot; rc_context gives it back afterwards, so
+    # the plots drawn after this one in the same process keep theirs
+    with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=objectives[0])
-    fig = ax.figure
-    fig.set_size_inches(6.4, 4.2)
-    ax.set_title(f"FairTune study, validation split\n{axis_label(objectives[0])}", fontsize=9)
-    ax.set_ylabel(f"validation {objectives[0]}", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        fig = ax.figure
+        fig.set_size_inches(6.4, 4.2)
+        ax.set_title(f"FairTune study, validation split\n{axis_label(objectives[0])}", fontsize=9)
+        ax.set_ylabel(f"validation {objectives[0]}", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
     return path
 
 
