@@ -338,8 +338,12 @@ def test_sweep_grid_takes_methods_as_an_axis():
     pts = sweep_mod.grid([4], [0.0, 1.0], ["variance"], ["group"], [0, 1], ["erm", "fairlora", "jtt"])
     assert sorted((p.method, p.seed) for p in pts) == [(m, s) for m in ("erm", "fairlora", "jtt") for s in (0, 1)]
     assert {p.name for p in pts if p.method == "jtt"} == {"r4_jtt_s0", "r4_jtt_s1"}
-    cfg = sweep_mod.point_config(TrainConfig(**TINY), next(p for p in pts if p.method == "jtt"), "/tmp/x")
-    assert (cfg.method, cfg.lam, cfg.rank) == ("jtt", 0.0, 4)
+    base = TrainConfig(**TINY, lam=2.0, penalty="worst")
+    cfg = sweep_mod.point_config(base, next(p for p in pts if p.method == "jtt"), "/tmp/x")
+    # a method key the method would ignore is back at its default (fastfair.methods refuses it)
+    assert (cfg.method, cfg.lam, cfg.penalty, cfg.rank) == ("jtt", 0.0, TrainConfig.penalty, 4)
+    fair = sweep_mod.point_config(base, next(p for p in pts if p.method == "fairlora"), "/tmp/x")
+    assert (fair.lam, fair.penalty) == (1.0, "variance")
     with pytest.raises(ValueError, match="'bogus'"):
         sweep_mod.grid([4], [1.0], ["variance"], ["group"], [0], ["bogus"])
 

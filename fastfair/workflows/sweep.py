@@ -97,8 +97,12 @@ def grid(ranks, lams, penalties, group_keys, seeds, methods=("fairlora",)) -> li
 
 
 def point_config(base: TrainConfig, pt: Point, sweep_dir) -> TrainConfig:
-    return derive(base, method=pt.method, finetune="lora", rank=pt.rank, lam=pt.lam, penalty=pt.penalty,
-                  loss_groups=pt.loss_groups, seed=pt.seed, output_dir=str(Path(sweep_dir) / pt.name))
+    """The run of a point. The grid's FairLoRA keys (lam, penalty, group key) go back to their
+    defaults for the other methods, which refuse a key they would ignore."""
+    fair = dict(lam=pt.lam, penalty=pt.penalty, loss_groups=pt.loss_groups) if pt.method == "fairlora" else \
+        {k: TrainConfig.__dataclass_fields__[k].default for k in ("lam", "penalty", "loss_groups")}
+    return derive(base, method=pt.method, finetune="lora", rank=pt.rank, seed=pt.seed,
+                  output_dir=str(Path(sweep_dir) / pt.name), **fair)
 
 
 def run_points(base: TrainConfig, points, sweep_dir, datasets=None, workflow: str = "sweep") -> list[dict]:
