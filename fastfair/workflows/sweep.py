@@ -291,8 +291,8 @@ def methods_table(summary: list[dict], split: str = "test", metrics=METHOD_METRI
 
 
 def methods_plot(summary: list[dict], path, split: str = "test") -> None:
-    """Worst-group against mean accuracy, one colour per method (its ranks labelled when there are
-    several), whiskers of the sample std over seeds where there are several."""
+    """Worst-group against mean accuracy, one colour per method (labelled by its name, or by its
+    ranks when there are several), whiskers of the sample std over seeds where there are several."""
     from ..report import pareto_plot
 
     multi_rank = len({s["rank"] for s in summary}) > 1
@@ -300,7 +300,8 @@ def methods_plot(summary: list[dict], path, split: str = "test") -> None:
                 "accuracy", "worst_group_accuracy",
                 errors=[(s["accuracy_std"], s["worst_group_accuracy_std"]) for s in summary],
                 n_seeds=[s["n_seeds"] for s in summary], error_label="± sample std",
-                labels=[f"r{s['rank']}" for s in summary] if multi_rank else None,
+                # named beside the point too, so methods that land on the same point both show
+                labels=[f"r{s['rank']}" if multi_rank else s["setting"] for s in summary],
                 color_by=[s["setting"] for s in summary], color_name="",
                 title=f"Methods side by side, {split} split (means over seeds)")
 
