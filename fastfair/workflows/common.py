@@ -10,6 +10,7 @@ imported inside the functions that need them, so a workflow's ``--help`` parses 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -25,11 +26,12 @@ from ..config import TrainConfig
 
 
 def derive(base: TrainConfig, **changes) -> TrainConfig:
-    """``base`` with ``changes`` (config keys), validated; ``base`` is left as it was."""
+    """``base`` with ``changes`` (config keys), validated; ``base`` is left as it was (the copy
+    shares no list or dict with it)."""
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}")
-    return dataclasses.replace(base, **changes).validate()
+    return dataclasses.replace(copy.deepcopy(base), **changes).validate()
 
 
 def run_config(cfg: TrainConfig, **train_kwargs) -> dict:
