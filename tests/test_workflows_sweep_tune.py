@@ -1,6 +1,7 @@
 """`fastfair sweep` and `fastfair tune` end to end on (subsets of) the colored-digits benchmark."""
 import csv
 import json
+import statistics
 
 import optuna
 import pytest
@@ -12,6 +13,7 @@ from fastfair.config import TrainConfig, load_config
 from fastfair.data import ColoredDigits
 from fastfair.inject import lora_layers
 from fastfair.models import create_backbone, setup_finetuning
+from fastfair.report import pareto_front
 from fastfair.workflows import sweep as sweep_mod
 from fastfair.workflows import tune as tune_mod
 
@@ -129,8 +131,9 @@ def test_summarize_best_rank_per_setting():
     text = sweep_mod.summarize(rows, "accuracy_gap", "test")
     lines = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| ")}
     assert lines["ERM"].split("|")[-4].strip() == "4"
-    assert lines["variance"].split("|")[-4].strip() == "1"
-    assert "(-0.4000)" in lines["variance"]  # change against ERM at rank 1: 0.1 - 0.5
+    fair = lines["fairlora λ=1 variance group"]
+    assert fair.split("|")[-4].strip() == "1"
+    assert "(-0.4000)" in fair  # change against ERM at rank 1: 0.1 - 0.5
     assert "no single rank is best everywhere" in text
     same = [r for r in rows if r["rank"] == 4] + [dict(r, **{"test/accuracy_gap": 0.9})
                                                    for r in rows if r["rank"] == 1]
@@ -144,8 +147,8 @@ def test_summarize_best_rank_per_setting():
 
 def test_pareto_front_directions():
     pts = [(0.9, 0.1), (0.8, 0.05), (0.7, 0.2), (0.9, 0.3), (None, 0.0)]
-    assert sweep_mod.pareto_front(pts, (True, False)) == [0, 1]
-    assert sweep_mod.pareto_front(pts, (True, True)) == [3]
+    assert pareto_front(pts, (True, False)) == [0, 1]
+    assert pareto_front(pts, (True, True)) == [3]
 
 
 # --- tune: trial -> config ---------------------------------------------------------------------
@@ -231,6 +234,14 @@ def test_tune_end_to_end_resumes_without_repeating(tmp_path, small, monkeypatch)
     assert float(table[0]["accuracy_gap"]) == pytest.approx(study.trials[0].value)
     # the objective is the final pooled validation metric of the trial's run
     assert study.trials[0].value == pytest.approx(study.trials[0].user_attrs["val/accuracy_gap"])
+    # summary.md: the best trial, optuna's importances of the sampled parameters, stage two on test
+    summary = (out / "summary.md").read_text()
+    assert f"## Best trial: #{study.best_trial.number}" in summary
+    assert f"| validation accuracy_gap | {study.best_value:.4f} |" in summary
+    imp = summary.split("## Parameter importance")[1].split("##")[0]
+    assert "| lr |" in imp or "Not computed" in imp
+    assert f"| accuracy | {res['final']['test']['accuracy']:.4f} |" in summary
+    assert (out / "study.png").stat().st_size > 0
 
 
 def test_tune_killed_trial_is_not_counted(tmp_path, small, monkeypatch):
@@ -275,7 +286,7 @@ def test_tune_two_objectives_nsga2(tmp_path, small):
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert len(res["best_values"]) == 2
     assert tuple(res["best_values"]) in {tuple(t.values) for t in study.best_trials}
-    assert (out / "pareto.png").stat().st_size > 0
+    assert (out / "study.png").stat().st_size > 0  # the trials' Pareto front
     # another objective on the same study directory is refused, not mixed in
     with pytest.raises(ValueError, match="settings"):
         tune_mod.tune(base(tmp_path, epochs=1, batch_size=32), out, n_trials=3,
@@ -289,3 +300,86 @@ def test_tune_cli_on_the_benchmark(tmp_path):
     cfg = load_config(out / "best_config.yaml")
     assert cfg.max_steps == 2 and cfg.model == "test_vit"
     assert set(cfg.rank_pattern.values()) <= {2, 4}
+
+
+# --- methods side by side ----------------------------------------------------------------------
+
+def method_row(setting, seed, wga, acc=0.5, rank=4):
+    method = setting.split()[0]
+    return {"run": f"{setting}_{seed}", "method": method, "setting": setting, "rank": rank,
+            "lam": 1.0 if method == "fairlora" else 0.0, "penalty": "none", "loss_groups": "-", "seed": seed,
+            "test/accuracy": acc, "test/worst_group_accuracy": wga, "test/accuracy_gap": 1 - wga,
+            "test/equalized_odds_difference": 1 - wga}
+
+
+def test_method_summary_is_paired_against_erm_with_the_sample_std_and_ties():
+    erm = [0.10, 0.20, 0.30]
+    rows = [method_row("erm", s, v) for s, v in enumerate(erm)]
+    rows += [method_row("jtt", s, v + d) for s, (v, d) in enumerate(zip(erm, (0.30, 0.32, 0.34)))]
+    rows += [method_row("dfr", s, v + d) for s, (v, d) in enumerate(zip(erm, (0.05, -0.04, 0.02)))]
+    by = {s["setting"]: s for s in sweep_mod.summarize_methods(rows)}
+    assert list(by) == ["erm", "jtt", "dfr"]  # ERM first
+    assert by["erm"]["worst_group_accuracy_std"] == pytest.approx(statistics.stdev(erm))  # sample std
+    jtt = by["jtt"]["vs_erm/worst_group_accuracy"]
+    assert jtt["per_seed"] == pytest.approx({0: 0.30, 1: 0.32, 2: 0.34})
+    assert jtt["mean"] == pytest.approx(0.32) and jtt["std"] == pytest.approx(0.02)
+    assert jtt["verdict"] == "better"
+    # +0.01 on average against a spread of 0.045: within the seed spread, so a tie
+    assert by["dfr"]["vs_erm/worst_group_accuracy"]["verdict"] == "tie"
+    assert by["erm"]["vs_erm/worst_group_accuracy"] is None
+    table = sweep_mod.methods_table(list(by.values()))
+    assert "| jtt | 3 |" in table and "+0.320 ± 0.020 (better)" in table and "(tie)" in table
+    assert "seed spread" in table
+    one_seed = sweep_mod.summarize_methods([r for r in rows if r["seed"] == 0])
+    assert {s["setting"]: s["vs_erm/worst_group_accuracy"] for s in one_seed}["jtt"]["verdict"] == "one seed"
+
+
+def test_sweep_grid_takes_methods_as_an_axis():
+    pts = sweep_mod.grid([4], [0.0, 1.0], ["variance"], ["group"], [0, 1], ["erm", "fairlora", "jtt"])
+    assert sorted((p.method, p.seed) for p in pts) == [(m, s) for m in ("erm", "fairlora", "jtt") for s in (0, 1)]
+    assert {p.name for p in pts if p.method == "jtt"} == {"r4_jtt_s0", "r4_jtt_s1"}
+    base = TrainConfig(**TINY, lam=2.0, penalty="worst")
+    cfg = sweep_mod.point_config(base, next(p for p in pts if p.method == "jtt"), "/tmp/x")
+    # a method key the method would ignore is back at its default (fastfair.methods refuses it)
+    assert (cfg.method, cfg.lam, cfg.penalty, cfg.rank) == ("jtt", 0.0, TrainConfig.penalty, 4)
+    fair = sweep_mod.point_config(base, next(p for p in pts if p.method == "fairlora"), "/tmp/x")
+    assert (fair.lam, fair.penalty) == (1.0, "variance")
+    with pytest.raises(ValueError, match="'bogus'"):
+        sweep_mod.grid([4], [1.0], ["variance"], ["group"], [0], ["bogus"])
+
+
+def test_compare_methods_end_to_end(tmp_path, small, monkeypatch, capsys):
+    calls = count_train_calls(monkeypatch)
+    cfg = base(tmp_path, epochs=1, max_steps=2, batch_size=32, lam=0.0)
+    res = sweep_mod.compare_methods(cfg, ["fairlora", "jtt"], [0, 1], tmp_path / "m", datasets=small)
+    assert len(calls) == 6  # ERM is added: 3 methods x 2 seeds
+    methods = [load_config(tmp_path / "m" / r["run"] / "config.yaml").method for r in res["rows"]]
+    assert sorted(methods) == ["erm", "erm", "fairlora", "fairlora", "jtt", "jtt"]
+    fair = next(r for r in res["rows"] if r["method"] == "fairlora")
+    assert fair["lam"] == 1.0  # the config's lam is 0: FairLoRA takes 1
+    assert [s["setting"].split()[0] for s in res["summary"]] == ["erm", "fairlora", "jtt"]
+    assert all(s["n_seeds"] == 2 for s in res["summary"])
+    out = capsys.readouterr().out
+    assert "[methods 1/6] erm, rank 4, seed 0" in out and "| jtt | 2 |" in out
+    for f in ("methods.md", "methods.json", "methods.png"):
+        assert (tmp_path / "m" / f).stat().st_size > 0
+    # a second call reuses every finished run
+    sweep_mod.compare_methods(cfg, ["fairlora", "jtt"], [0, 1], tmp_path / "m", datasets=small)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("module", ["sweep", "tune", "debias", "bias_transfer"])
+def test_workflow_help_parses_before_heavy_imports_and_shows_defaults(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys; from fastfair.workflows import {module} as m; text = m.build_parser().format_help(); "
+            "heavy = sorted(k for k in ('torch', 'timm', 'matplotlib', 'optuna') if k in sys.modules); "
+            "print(heavy); print(text)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "[]", out.splitlines()[0]
+    assert "--backbone {config,pretrain}" in out and "--learning-rate" not in out
+    assert "(default:" in out
+    expected = {"sweep": "default: 1,4,16,64", "tune": "(default: 20)", "debias": "(default: 8)",
+                "bias_transfer": "(default: linear,lora:1"}[module]
+    assert expected in " ".join(out.split())
