@@ -118,7 +118,7 @@ def test_load_errors(tmp_path):
         load_adapter(other, tmp_path)
     shallow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
                                 patch_size=8, depth=1)
-    with pytest.raises(ValueError, match="'blocks.1.attn.proj' matches no linear layer"):
+    with pytest.raises(ValueError, match="'blocks.1.attn.proj' matches no Linear or Conv2d layer"):
         load_adapter(shallow, tmp_path)
 
 

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfair import LoRALinear, inject_lora, lora_layers, quantize_backbone
+from fastfair.int8 import Int8Linear
 from fastfair.quant import weight_memory_bytes
 
 
@@ -51,7 +52,7 @@ def test_inject_regex_exclude_any_module_and_second_adapter():
     assert set(model.proj.adapters) == {"default", "second"}
     # earlier adapters are frozen, the new one trains
     assert not model.proj.lora_A["default"].requires_grad and model.proj.lora_A["second"].requires_grad
-    with pytest.raises(ValueError, match="no linear layer matches targets=.*'nothing'"):
+    with pytest.raises(ValueError, match="no Linear/Conv2d layer matches targets=.*'nothing'"):
         inject_lora(model, targets=("nothing",))
 
 
@@ -73,8 +74,8 @@ def test_int8_base_matches_dequantized_float64(k, n, r, bias):
     layer = LoRALinear(q, r=r, backend="torch")
     with torch.no_grad():
         layer.lora_B["default"].normal_()
-    assert layer.is_int8 and q.weight.CB.dtype == torch.int8
-    W = q.weight.CB.double() * q.weight.SCB.double()[:, None] / 127
+    assert layer.is_int8 and q.CB.dtype == torch.int8
+    W = q.CB.double() * q.SCB.double()[:, None] / 127
     # row-wise absmax int8: each weight within one quantization step of its row
     step = lin.weight.detach().abs().amax(1, keepdim=True).double() / 127
     assert ((W - lin.weight.double()).abs() <= step).all()
@@ -113,41 +114,72 @@ def test_quantize_vit_memory_and_merge_rules():
         quantize_backbone(tiny_vit(), bits=4)
 
 
-def test_int8_base_follows_a_move_and_bnb_forward():
+def bnb_layer(k, n, seed=0):
+    """A bitsandbytes Linear8bitLt quantized the way bitsandbytes does it (on a move off its CPU copy)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n)
+    q = bnb.nn.Linear8bitLt(k, n, has_fp16_weights=False, threshold=0.0)
+    q.weight = bnb.nn.Int8Params(lin.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu"), lin
+
+
+def test_bnb_base_is_taken_over_exactly_and_runs_weight_only():
+    q, lin = bnb_layer(8, 6)
+    x = torch.randn(3, 8)
+    bnb_y = q(x)  # bitsandbytes' own forward moves CB/SCB from the weight to q.state
+    CB, SCB = q.state.CB.clone(), q.state.SCB.clone()
+    layer = LoRALinear(q, r=2, backend="torch")
+    assert isinstance(layer.base, Int8Linear)
+    assert torch.equal(layer.base.CB, CB) and torch.equal(layer.base.SCB, SCB)  # no requantization
+    W = CB.float() * SCB[:, None] / 127
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, q.bias))
+    torch.testing.assert_close(layer(x), bnb_y, rtol=0.05, atol=0.05)  # bnb quantizes x too
+    # quantize_backbone takes an unwrapped Linear8bitLt over the same way
+    model = nn.Sequential(bnb_layer(8, 6, seed=1)[0])
+    quantize_backbone(model, skip=())
+    assert isinstance(model[0], Int8Linear)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unwrapped_int8_layers_are_weight_only_any_rank(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    dense = [m.weight.detach().clone() for m in model]
     quantize_backbone(model, skip=())
-    x = torch.randn(3, 8)
-    ref = model[0](x)  # bitsandbytes' own forward moves CB/SCB from the weight to layer.state
-    layer = LoRALinear(model[0], r=2, backend="torch")
-    W = layer.base.state.CB.float() * layer.base.state.SCB[:, None] / 127
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.base.bias))
-    torch.testing.assert_close(layer(x), ref, rtol=0.05, atol=0.05)  # bnb quantizes x too
-    # .to(device)/.cuda() swap weight.data in place and leave CB behind on the old device;
-    # a clone stands in for the move, and the stale storage is wiped to show which one is read
-    q = LoRALinear(model[1], r=2, backend="torch")
-    with torch.no_grad():
-        q.lora_B["default"].normal_()
-    h = torch.randn(3, 6)
-    y = q(h)
-    stale = q.base_weight().CB
-    q._apply(lambda t: t.clone())
-    stale.zero_()
-    torch.testing.assert_close(q(h), y)
+    getattr(model, mode)()
+    for shape in [(8,), (3, 8), (2, 2, 2, 8)]:  # swin's downsample.reduction sees 4-D input
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = model(x)
+        assert y.dtype == torch.float64 and y.shape == (*shape[:-1], 4)
+        h = x
+        for m in model:  # weight-only: the activations are not quantized
+            h = torch.nn.functional.linear(h, m.CB.double() * m.SCB.double()[:, None] / 127, m.bias.double())
+        torch.testing.assert_close(y, h, rtol=1e-12, atol=1e-12)
+        y.sum().backward()
+        assert x.grad is not None
+    for m, w in zip(model, dense):
+        assert ((m.weight - w).abs() <= w.abs().amax(1, keepdim=True) / 127).all()
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.ones(2, 8, dtype=torch.long))
 
 
-def test_unwrapped_int8_layer_follows_a_move():
+def test_int8_storage_follows_a_move_and_counts_its_bytes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6))
     quantize_backbone(model, skip=())
     x = torch.randn(3, 8)
-    before = weight_memory_bytes(model)
-    y = model(x)  # bitsandbytes' own forward: CB and SCB now live in layer.state
-    assert weight_memory_bytes(model) == before == 6 * 8 + 6 * 4
-    stale = model[0].state.CB
-    model._apply(lambda t: t.clone())  # stands in for .cuda(): weight.data is replaced in place
+    y = model(x)
+    assert weight_memory_bytes(model) == 6 * 8 + 6 * 4
+    stale = model[0].CB
+    model._apply(lambda t: t.clone())  # stands in for .cuda(): every buffer is replaced
     stale.zero_()
     torch.testing.assert_close(model(x), y)
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    layer._apply(lambda t: t.clone())
+    assert layer.base_weight().CB.data_ptr() == layer.base.CB.data_ptr()
 
 
 def test_trainable_module_around_lora_layers_keeps_bases_and_other_adapters_frozen():
