@@ -101,5 +101,11 @@ def classifier_names(model: nn.Module) -> list[str] | None:
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
-def looks_adaptable(name: str) -> bool:
+def looks_adaptable(name: str, module: nn.Module) -> bool:
+    """A linear or pointwise (1×1) convolution inside an attention or MLP block: a projection."""
+    if isinstance(module, nn.Conv2d):
+        if module.kernel_size != (1, 1) or module.groups != 1:
+            return False  # depthwise or spatial convolutions mix positions, they do not project
+    elif not hasattr(module, "in_features"):
+        return False
     return _LOOKS_ADAPTABLE.search(name) is not None

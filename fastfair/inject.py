@@ -220,7 +220,7 @@ def _plan(model, targets, exclude, r, alpha, dropout, adapter_name, rank_pattern
         wanted = name_matches(name, targets) and not (exclude and name_matches(name, exclude))
         cls = wrapper_for(module)
         if not wanted:
-            if cls is not None and not isinstance(module, LoRALayer) and looks_adaptable(name):
+            if cls is not None and not isinstance(module, LoRALayer) and looks_adaptable(name, module):
                 missed.append(name)
             continue
         if cls is None:
