@@ -132,7 +132,7 @@ def load_adapter(model: nn.Module, directory, name: str = "default", trainable: 
     check_backend(backend)
     inside = internal_names(model)
     modules = {n: m for n, m in model.named_modules() if n not in inside}
-    plan = [_plan_layer(modules, d, module_name, ab, config) for module_name, ab in sorted(pairs.items())]
+    plan = [_plan_layer(modules, d, module_name, ab, config, name) for module_name, ab in sorted(pairs.items())]
     extra = _plan_modules_to_save(model, d, others) if load_modules_to_save else []
     dropout, rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
     with model_edit(model) as edit:
@@ -177,7 +177,7 @@ def _read_adapter(d: Path):
     return config, pairs, others
 
 
-def _plan_layer(modules, d, module_name, ab, config):
+def _plan_layer(modules, d, module_name, ab, config, name):
     """One layer to load into, with its tensors and alpha; every check an error could fail."""
     where = d / WEIGHTS_NAME
     if set(ab) != {"lora_A", "lora_B"}:
@@ -196,8 +196,11 @@ def _plan_layer(modules, d, module_name, ab, config):
             LoRAConv2d.check_base(module)
     except ValueError as e:
         raise ValueError(f"{where}: {module_name}: {e}") from None
-    base = module.base if isinstance(module, LoRALayer) else module
-    for part, t, want in zip(("lora_A", "lora_B"), (A, B), cls.adapter_shapes(base, r)):
+    if isinstance(module, LoRALayer) and name in module.adapters:  # replaced in place: same shapes
+        shapes = (module.lora_A[name].shape, module.lora_B[name].shape)
+    else:
+        shapes = cls.adapter_shapes(module.base if isinstance(module, LoRALayer) else module, r)
+    for part, t, want in zip(("lora_A", "lora_B"), (A, B), shapes):
         if tuple(t.shape) != tuple(want):
             raise ValueError(f"{where}: {module_name}.{part} has shape {tuple(t.shape)}, "
                              f"the layer needs {tuple(want)}")

@@ -191,3 +191,68 @@ def test_trainable_module_around_lora_layers_keeps_bases_and_other_adapters_froz
     assert "blocks.1.norm1.weight" in trainable and "head.weight" in trainable
     assert "blocks.1.attn.qkv.lora_A.task" in trainable
     assert not any(".base." in n or "upstream" in n for n in trainable), sorted(trainable)
+
+
+def snapshot(model):
+    """Everything a failed call must leave as it was: module types, tensors and trainable flags."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_same(model, snap):
+    types, state, flags = snapshot(model)
+    assert types == snap[0] and flags == snap[2]
+    assert state.keys() == snap[1].keys() and all(torch.equal(state[k], snap[1][k]) for k in state)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(), "already has an adapter named 'default'"),  # a second call with the same name
+    (dict(adapter_name="task", rank_pattern={"fc2": 0}), r"blocks\.0\.mlp\.fc2.*r=0"),
+    (dict(adapter_name="task", alpha_pattern={"attn.proj": -1.0}), "alpha=-1"),
+    (dict(adapter_name="task", targets="blocks.(qkv"), r"targets='blocks.\(qkv' is not a valid regular"),
+    (dict(adapter_name="task", exclude="[x"), r"exclude='\[x'"),
+    (dict(adapter_name="task", trainable="*head"), r"trainable='\*head'"),
+    (dict(adapter_name="task", rank_pattern={"(fc": 2}), r"rank_pattern key='\(fc'"),
+    (dict(adapter_name="a.b"), "adapter name"),
+])
+def test_failed_inject_leaves_the_model_exactly_as_it_was(kwargs, needle):
+    model = tiny_vit()
+    inject_lora(model, r=2, backend="torch")
+    model.blocks[0].norm1.weight.requires_grad_(True)  # a user's own choice, kept on failure
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=needle):
+        inject_lora(model, backend="torch", **kwargs)
+    assert_same(model, snap)
+
+
+def test_failed_quantize_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(4, 4))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no float linear layer"):
+        quantize_backbone(model, skip=("0",))
+    assert_same(model, snap)
+
+
+def test_classifier_from_timm_metadata_for_quantize_and_inject():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, img_size=32,
+                              window_size=2, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1))
+    # an explicit "head" covers the head's subtree: head.fc stays float (it was quantized before)
+    quantize_backbone(model, skip=("head",))
+    assert type(model.head.fc) is nn.Linear
+    inject_lora(model, backend="torch")  # trainable=None: head.fc from pretrained_cfg["classifier"]
+    assert model.head.fc.weight.requires_grad and model.head.fc.bias.requires_grad
+    with pytest.warns(UserWarning, match=r"trainable=\('classifier',\) matches no module"):
+        inject_lora(model, backend="torch", adapter_name="b", trainable=("classifier",))
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3,
+                                  img_size=32, patch_size=8, depth=1)
+    inject_lora(distilled, backend="torch")
+    assert distilled.head.weight.requires_grad and distilled.head_dist.weight.requires_grad
+
+
+def test_inject_reports_projections_it_did_not_adapt():
+    model = tiny_vit()
+    summary = inject_lora(model, targets=("qkv",), backend="torch")
+    assert summary.missed == [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert "not adapted: ['blocks.0.attn.proj'" in str(summary)
