@@ -63,9 +63,9 @@ def fastfair_layer(base: nn.Module, r: int, dropout: float, backend: str) -> nn.
 
 
 def int8_linear(linear: nn.Linear) -> nn.Module:
-    from fastfair.quant import to_int8_linear
+    from fastfair.int8 import bnb_linear8bit  # peft needs bitsandbytes' own layer; fastfair takes it over
 
-    return to_int8_linear(linear)
+    return bnb_linear8bit(linear)
 
 
 def flops(M, K, N, r, mode, lora=True):

@@ -143,6 +143,23 @@ def to_int8_linear(module: nn.Module) -> Int8Linear:
     raise ValueError(f"cannot store a {type(module).__name__} as int8: only nn.Linear layers")
 
 
+def bnb_linear8bit(linear: nn.Linear) -> nn.Module:
+    """A frozen bitsandbytes ``Linear8bitLt`` (LLM.int8 forward) holding ``linear``'s weight.
+
+    For comparisons with bitsandbytes + peft; fastfair itself stores int8 as :class:`Int8Linear`.
+    """
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=0.0)
+    # bitsandbytes quantizes when Int8Params moves off the CPU copy it was built from
+    q.weight = bnb.nn.Int8Params(linear.weight.detach().float().cpu(), requires_grad=False,
+                                 has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone().cpu(), requires_grad=False)
+    return q.to(linear.weight.device).requires_grad_(False)
+
+
 def int8_weight_bytes(module: nn.Module) -> int:
     """Bytes of an int8 layer's storage: one byte per weight plus its per-row scales."""
     if isinstance(module, Int8Linear):

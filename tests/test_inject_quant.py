@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfair import LoRALinear, inject_lora, lora_layers, quantize_backbone
-from fastfair.int8 import Int8Linear
+from fastfair.int8 import Int8Linear, bnb_linear8bit
 from fastfair.quant import weight_memory_bytes
 
 
@@ -116,14 +116,9 @@ def test_quantize_vit_memory_and_merge_rules():
 
 def bnb_layer(k, n, seed=0):
     """A bitsandbytes Linear8bitLt quantized the way bitsandbytes does it (on a move off its CPU copy)."""
-    import bitsandbytes as bnb
-
     torch.manual_seed(seed)
     lin = nn.Linear(k, n)
-    q = bnb.nn.Linear8bitLt(k, n, has_fp16_weights=False, threshold=0.0)
-    q.weight = bnb.nn.Int8Params(lin.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
-    q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    return q.to("cpu"), lin
+    return bnb_linear8bit(lin), lin
 
 
 def test_bnb_base_is_taken_over_exactly_and_runs_weight_only():
