@@ -251,3 +251,22 @@ def test_inject_reports_projections_it_did_not_adapt():
     summary = inject_lora(model, targets=("qkv",), backend="torch")
     assert summary.missed == [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
     assert "not adapted: ['blocks.0.attn.proj'" in str(summary)
+
+
+def test_code_reading_weight_gets_the_dequantized_int8_weight():
+    class ReadsWeight(nn.Module):  # timm's EVA/BEiT: F.linear(x, self.qkv.weight, bias)
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+    torch.manual_seed(0)
+    model = ReadsWeight()
+    quantize_backbone(model, skip=())
+    q = model.qkv
+    x = torch.randn(3, 8)
+    W = q.CB.float() * q.SCB[:, None] / 127
+    torch.testing.assert_close(model(x), torch.nn.functional.linear(x, W, q.bias))
+    torch.testing.assert_close(model(x), q(x))
