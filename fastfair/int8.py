@@ -56,6 +56,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        # an empty tensor of the layer's float dtype: follows model.to(dtype) like a weight would,
+        # so ``weight`` dequantizes to what the rest of the model computes in
+        self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -64,7 +67,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach()
         # quantized in float32 on the CPU (bnb's device path rounds through float16 first)
         CB, SCB, _ = bnbF.int8_vectorwise_quant(w.float().cpu())
-        return cls._from_storage(CB, SCB, linear.bias, w.device)
+        return cls._from_storage(CB, SCB, linear.bias, w.device, w.dtype)
 
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> "Int8Linear":
@@ -77,12 +80,12 @@ class Int8Linear(nn.Module):
         SCB = layer.state.SCB if SCB is None else SCB
         if SCB is None:
             raise ValueError("the Linear8bitLt has int8 data but no SCB scales; it cannot be read")
-        return cls._from_storage(w.data, SCB, layer.bias, w.device)
+        dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+        return cls._from_storage(w.data, SCB, layer.bias, w.device, dtype)
 
     @classmethod
-    def _from_storage(cls, CB, SCB, bias, device) -> "Int8Linear":
+    def _from_storage(cls, CB, SCB, bias, device, dtype) -> "Int8Linear":
         out_features, in_features = CB.shape
-        dtype = bias.dtype if bias is not None else torch.float32
         q = cls(in_features, out_features, bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
             q.CB.copy_(CB)
@@ -97,10 +100,11 @@ class Int8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, for code that reads ``layer.weight`` (timm's EVA, BEiT)."""
-        return self.storage().dequantize(self.bias.dtype if self.bias is not None else self.SCB.dtype)
+        return self.storage().dequantize(self.dtype_ref.dtype)
 
-    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
-        """A frozen dense ``nn.Linear`` with the dequantized weight."""
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A frozen dense ``nn.Linear`` with the dequantized weight (in the layer's dtype by default)."""
+        dtype = dtype or self.dtype_ref.dtype
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.CB.device, dtype=dtype)
         with torch.no_grad():

@@ -242,7 +242,7 @@ class LoRALinear(LoRALayer):
         return isinstance(self.base, Int8Linear)
 
     def _base_float(self) -> torch.Tensor:
-        return self.base.SCB if self.is_int8 else self.base.weight
+        return self.base.dtype_ref if self.is_int8 else self.base.weight
 
     def base_weight(self) -> torch.Tensor | Int8Weight:
         """What the op takes: the dense weight, or the int8 storage of an int8 base."""

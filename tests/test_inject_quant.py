@@ -270,3 +270,14 @@ def test_code_reading_weight_gets_the_dequantized_int8_weight():
     W = q.CB.float() * q.SCB[:, None] / 127
     torch.testing.assert_close(model(x), torch.nn.functional.linear(x, W, q.bias))
     torch.testing.assert_close(model(x), q(x))
+
+
+def test_int8_weight_follows_the_model_dtype():
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))  # no bias to take the dtype from (EVA's qkv)
+    quantize_backbone(model, skip=())
+    assert model[0].weight.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16 and model[0].CB.dtype == torch.int8
+    model.double()
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    assert layer.lora_A["default"].dtype == torch.float64 and layer.weight.dtype == torch.float64
