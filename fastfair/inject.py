@@ -231,7 +231,7 @@ def _plan(model, targets, exclude, r, alpha, dropout, adapter_name, rank_pattern
             check_adapter_args(layer_r, layer_alpha, dropout)
             if isinstance(module, LoRALayer) and adapter_name in module.adapters:
                 raise ValueError(f"already has an adapter named {adapter_name!r}: {list(module.adapters)}")
-            if cls is LoRAConv2d:
+            if cls is LoRAConv2d and not isinstance(module, LoRALayer):
                 LoRAConv2d.check_base(module)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None

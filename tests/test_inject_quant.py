@@ -56,6 +56,14 @@ def test_inject_regex_exclude_any_module_and_second_adapter():
         inject_lora(model, targets=("nothing",))
 
 
+def test_second_adapter_on_conv_and_linear_layers():
+    model = tiny_vit()
+    inject_lora(model, targets=["qkv", "proj"], r=2, backend="torch")  # 'proj' also names patch_embed.proj
+    inject_lora(model, targets=["qkv", "proj"], r=3, adapter_name="task", backend="torch")
+    assert set(model.patch_embed.proj.adapters) == {"default", "task"}
+    assert model.patch_embed.proj.lora_A["task"].shape == (3, 3, 8, 8)
+
+
 def test_rank_pattern():
     model = tiny_vit()
     inject_lora(model, r=4, rank_pattern={"blocks.1.mlp.fc1": 16, "qkv": 2})
