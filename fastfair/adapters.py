@@ -1,8 +1,9 @@
 """LoRA adapters on disk in HF PEFT's format (``adapter_model.safetensors`` + ``adapter_config.json``).
 
 Files written here load with ``peft.PeftModel.from_pretrained`` and files written by peft load here:
-keys are ``base_model.model.<module>.lora_A.weight`` (r×in) and ``...lora_B.weight`` (out×r); the
-trainable non-LoRA modules (the head) are saved as ``modules_to_save`` under their own names.
+keys are ``base_model.model.<module>.lora_A.weight`` (r×in, or r×in×kh×kw for a convolution) and
+``...lora_B.weight`` (out×r, or out×r×1×1); the trainable non-LoRA modules (the head) are saved
+whole, parameters and buffers, as ``modules_to_save`` under their own names.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
