@@ -1,6 +1,6 @@
 """inject_lora / quantize_backbone defaults on the timm zoo, and exchange with peft where peft computes the same.
 
-Every model is built tiny (pretrained=False, one or two blocks, narrow, the smallest input it
+Every model is built tiny (pretrained=False, one or two blocks, narrow, a small input each
 accepts), so the whole matrix (79 cases) ran in 19 s wall on two idle CPU cores, imports included.
 """
 import copy
@@ -17,7 +17,7 @@ from fastfair.int8 import Int8Linear
 
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 SWIN = dict(img_size=32, window_size=2, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1))
-# name -> (constructor overrides, input size); the input size is the smallest each accepts
+# name -> (constructor overrides, input size): small sizes each constructor accepts
 ZOO = {
     "vit_tiny_patch16_224": (VIT, 32),
     "deit_tiny_distilled_patch16_224": (VIT, 32),
