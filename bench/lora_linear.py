@@ -112,9 +112,10 @@ def _dense_linear(s, device, dtype):
 
 
 def _int8_linear(s, device):
-    from fastfair.quant import to_int8_linear
+    # bitsandbytes' own layer: peft adapts only that one, and fastfair takes it over as it is
+    from fastfair.int8 import bnb_linear8bit
 
-    return to_int8_linear(_dense_linear(s, device, torch.float32))
+    return bnb_linear8bit(_dense_linear(s, device, torch.float32))
 
 
 def _case(layer: nn.Module, x: torch.Tensor, **kw) -> Case:

@@ -9,6 +9,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LoRALinear": "lora",
+    "LoRAConv2d": "lora_conv",
+    "Int8Linear": "int8",
+    "default_targets": "families",
+    "classifier_names": "families",
     "inject_lora": "inject",
     "lora_layers": "inject",
     "InjectionSummary": "inject",

@@ -1,14 +1,20 @@
-"""``LoRALinear``: a drop-in LoRA wrapper for ``nn.Linear`` and bitsandbytes ``Linear8bitLt``."""
+"""``LoRALinear``: a drop-in LoRA wrapper for ``nn.Linear``, int8 linears and bitsandbytes ``Linear8bitLt``.
+
+``LoRALayer`` holds what every LoRA wrapper shares (named adapters, activation, freezing,
+merging, the effective ``weight``); ``LoRALinear`` adds the linear forward through
+``fastfair.ops.lora`` and ``fastfair.lora_conv.LoRAConv2d`` the convolution.
+"""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .backend import check_backend
-from .int8 import Int8Weight, is_int8_linear, sync_int8_storage
+from .int8 import Int8Linear, Int8Weight, check_float_input, is_int8_linear, to_int8_linear
 from .ops.lora import lora_linear
 
 
@@ -24,7 +30,7 @@ class AdapterConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _check_adapter_args(r, alpha, dropout) -> None:
+def check_adapter_args(r, alpha, dropout) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be an integer >= 1, got r={r!r}")
     if not isinstance(alpha, (int, float)) or not alpha > 0:
@@ -33,41 +39,29 @@ def _check_adapter_args(r, alpha, dropout) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
 
 
-class LoRALinear(nn.Module):
-    """``y = base(x) + Σ_a scale_a · dropout_a(x) A_aᵀ B_aᵀ`` over the active adapters.
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
-    ``base`` is an ``nn.Linear`` or a bitsandbytes ``Linear8bitLt``; its weight and bias are
-    frozen. Each adapter ``a`` has ``lora_A[a]`` (r×in, Kaiming-uniform like HF peft) and
-    ``lora_B[a]`` (out×r, zeros), so a fresh layer computes exactly its base. Adapters are float32
-    unless the base is float64; they run in the input's dtype.
-    ``scale = alpha / r``, or ``alpha / √r`` with ``use_rslora``.
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other weight dtype is updated and merged in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LoRALayer(nn.Module):
+    """Named adapters ``A`` (``lora_A[name]``) and ``B`` (``lora_B[name]``) beside a frozen ``base``.
+
+    Subclasses give the adapter shapes (``adapter_shapes``), the base's dense weight
+    (``dense_base_weight``), ``scale · ΔW`` of one adapter (``delta_weight``) and the forward.
     Several adapters may live in one layer (``add_adapter``); the active ones (``set_active``) are
     summed, and each can be frozen (``set_trainable``): PEFTDebias keeps a frozen upstream
-    debiasing adapter beside a trainable task adapter.
-
-    An 8-bit base is used weight-only: its int8 rows are dequantized and the activations keep
-    their dtype, which is more accurate than LLM.int8's int8 activations.
-
-    ``backend``: ``"torch"`` (the plain-PyTorch reference), ``"triton"`` (fused kernels) or
-    ``"auto"`` (Triton for CUDA inputs, the reference otherwise).
+    debiasing adapter beside a trainable task adapter. ``A`` is Kaiming-uniform (a=√5) and ``B``
+    zero, as HF peft, so a fresh layer computes exactly its base. Adapters are float32 unless the
+    base is float64. ``scale = alpha / r``, or ``alpha / √r`` with ``use_rslora``.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        backend: str = "auto",
-        adapter_name: str = "default",
-    ):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"LoRALinear wraps an nn.Linear or bitsandbytes Linear8bitLt, got {type(base).__name__}"
-            )
+    def _init_lora(self, base: nn.Module, backend: str) -> None:
         self.base = base
         self.backend = check_backend(backend)
         for p in self.base.parameters():
@@ -77,70 +71,70 @@ class LoRALinear(nn.Module):
         self.adapters: dict[str, AdapterConfig] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora)
+        self._warned_weight_dropout = False
 
-    # -- shape and weights -------------------------------------------------------------------
+    # -- what subclasses provide -------------------------------------------------------------
+    @staticmethod
+    def adapter_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def dense_base_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _base_float(self) -> torch.Tensor:
+        """A float tensor on the base's device whose dtype the adapters follow."""
+        return self.base.weight
+
+    # -- the effective weight ----------------------------------------------------------------
     @property
-    def in_features(self) -> int:
-        return self.base.in_features
+    def weight(self) -> torch.Tensor:
+        """``W + Σ scale·ΔW`` over the active, unmerged adapters, differentiable in ``A`` and ``B``.
+
+        For code that calls ``F.linear(x, layer.weight, ...)`` itself (timm's EVA, BEiT, SwinV2):
+        the adapters train through it, but their dropout cannot apply there.
+        """
+        w = self.dense_base_weight()
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return w
+        if self.training and not self._warned_weight_dropout and any(self.adapters[n].dropout > 0 for n in names):
+            self._warned_weight_dropout = True
+            warnings.warn("a LoRA layer's .weight is read directly (F.linear on layer.weight): its adapter "
+                          "dropout cannot apply on that path and is skipped", UserWarning, stacklevel=2)
+        return w + sum(self.delta_weight(n) for n in names).to(w.dtype)
 
     @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def is_int8(self) -> bool:
-        return is_int8_linear(self.base)
-
-    def base_weight(self) -> torch.Tensor | Int8Weight:
-        w = self.base.weight
-        if self.is_int8:
-            # bitsandbytes' own forward moves CB/SCB from the weight to ``base.state``
-            CB = w.CB if getattr(w, "CB", None) is not None else self.base.state.CB
-            SCB = w.SCB if getattr(w, "SCB", None) is not None else self.base.state.SCB
-            if CB is None or SCB is None:
-                raise ValueError(
-                    "the Linear8bitLt base is not quantized yet (its weight has no CB); "
-                    "move it to a device first or build it with fastfair.quantize_backbone"
-                )
-            return Int8Weight(CB, SCB)
-        return w
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.is_int8:
-            sync_int8_storage(self.base)
-        return self
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     # -- adapters ----------------------------------------------------------------------------
-    def add_adapter(
-        self,
-        name: str,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        trainable: bool = True,
-        use_rslora: bool = False,
-        activate: bool = True,
-    ) -> None:
-        _check_adapter_args(r, alpha, dropout)
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    trainable: bool = True, use_rslora: bool = False, activate: bool = True) -> None:
+        check_adapter_args(r, alpha, dropout)
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer: {list(self.adapters)}")
-        w = self.base.weight
+        ref = self._base_float()
         # float32 adapters on a half or int8 base, as peft does: AdamW steps of ~1e-4 are below
         # bf16's resolution at A's magnitude, so bf16 adapters would silently stop learning
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        A = torch.empty(r, self.in_features, dtype=dtype, device=w.device)
-        # HF peft's default init: kaiming_uniform_(a=√5) on A, zeros on B.
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        B = torch.zeros(self.out_features, r, dtype=dtype, device=w.device)
+        dtype = work_dtype(ref.dtype)
+        shape_A, shape_B = self.adapter_shapes(self.base, r)
+        A = torch.empty(shape_A, dtype=dtype, device=ref.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # HF peft's default init
+        B = torch.zeros(shape_B, dtype=dtype, device=ref.device)
         self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
         self.adapters[name] = AdapterConfig(r, float(alpha), float(dropout), use_rslora)
         if activate:
             self.active.append(name)
+
+    def set_config(self, name: str, alpha: float, dropout: float, use_rslora: bool) -> None:
+        """Replace an adapter's alpha, dropout and rslora (its rank is fixed by its shapes)."""
+        check_adapter_args(self.adapters[name].r, alpha, dropout)
+        self.adapters[name] = AdapterConfig(self.adapters[name].r, float(alpha), float(dropout), use_rslora)
 
     def _check_known(self, names) -> None:
         unknown = [n for n in names if n not in self.adapters]
@@ -166,10 +160,8 @@ class LoRALinear(nn.Module):
         del self.lora_A[name], self.lora_B[name], self.adapters[name]
         self.active = [n for n in self.active if n != name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``scale · B A`` (out×in) of one adapter, in float32."""
-        cfg = self.adapters[name]
-        return cfg.scale * (self.lora_B[name].float() @ self.lora_A[name].float())
+    def _delta_dtype(self, name: str) -> torch.dtype:
+        return work_dtype(self.lora_A[name].dtype)
 
     # -- merging -----------------------------------------------------------------------------
     def merge(self, dequantize: bool = False) -> None:
@@ -177,48 +169,101 @@ class LoRALinear(nn.Module):
         todo = [n for n in self.active if n not in self.merged]
         if not todo:
             return
-        if self.is_int8:
+        if is_int8_linear(self.base):
             if not dequantize:
                 raise ValueError(
                     "cannot merge into an 8-bit base without losing the int8 storage; "
                     "call merge(dequantize=True) to replace the base by a dequantized nn.Linear"
                 )
-            self._dequantize_base()
-        with torch.no_grad():
-            w = self.base.weight
-            delta = sum(self.delta_weight(n) for n in todo)
-            w.copy_((w.float() + delta).to(w.dtype))
+            self.base = to_int8_linear(self.base).to_linear()
+        self._fold(todo, +1)
         self.merged.extend(todo)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            return
+        if self.merged:
+            self._fold(self.merged, -1)
+            self.merged = []
+
+    def _fold(self, names, sign: int) -> None:
         with torch.no_grad():
             w = self.base.weight
-            delta = sum(self.delta_weight(n) for n in self.merged)
-            w.copy_((w.float() - delta).to(w.dtype))
-        self.merged = []
+            work = work_dtype(w.dtype)  # float64 stays float64: no round trip through float32
+            delta = sum(self.delta_weight(n).to(work) for n in names)
+            w.copy_((w.to(work) + sign * delta).to(w.dtype))
 
-    def _dequantize_base(self) -> None:
-        old = self.base
-        dense = self.base_weight().dequantize(torch.float32)
-        new = nn.Linear(self.in_features, self.out_features, bias=old.bias is not None,
-                        device=dense.device, dtype=torch.float32)
-        with torch.no_grad():
-            new.weight.copy_(dense)
-            if old.bias is not None:
-                new.bias.copy_(old.bias.float())
-        new.requires_grad_(False)
-        self.base = new
+    def extra_repr(self) -> str:
+        ads = ", ".join(f"{n}(r={c.r}, alpha={c.alpha:g}, dropout={c.dropout:g})"
+                        for n, c in self.adapters.items())
+        return f"adapters=[{ads}], active={self.active}"
 
-    # -- forward -----------------------------------------------------------------------------
+    def _active_unmerged(self) -> list[str]:
+        return [n for n in self.active if n not in self.merged]
+
+
+class LoRALinear(LoRALayer):
+    """``y = base(x) + Σ_a scale_a · dropout_a(x) A_aᵀ B_aᵀ`` over the active adapters.
+
+    ``base`` is an ``nn.Linear``, a fastfair ``Int8Linear`` or a bitsandbytes ``Linear8bitLt``
+    (taken over as an ``Int8Linear``: same int8 rows and scales); its weight and bias are frozen.
+    An 8-bit base is used weight-only: its int8 rows are dequantized and the activations keep
+    their dtype, which is more accurate than LLM.int8's int8 activations.
+
+    ``backend``: ``"torch"`` (the plain-PyTorch reference), ``"triton"`` (fused kernels) or
+    ``"auto"`` (Triton for CUDA inputs, the reference otherwise).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, backend: str = "auto", adapter_name: str = "default"):
+        super().__init__()
+        self.check_base(base)
+        self._init_lora(to_int8_linear(base) if is_int8_linear(base) else base, backend)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora)
+
+    @staticmethod
+    def check_base(base: nn.Module) -> None:
+        if not isinstance(base, (nn.Linear, Int8Linear)):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, Int8Linear or bitsandbytes Linear8bitLt, "
+                             f"got {type(base).__name__}")
+
+    @staticmethod
+    def adapter_shapes(base, r):
+        return (r, base.in_features), (base.out_features, r)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def is_int8(self) -> bool:
+        return isinstance(self.base, Int8Linear)
+
+    def _base_float(self) -> torch.Tensor:
+        return self.base.dtype_ref if self.is_int8 else self.base.weight
+
+    def base_weight(self) -> torch.Tensor | Int8Weight:
+        """What the op takes: the dense weight, or the int8 storage of an int8 base."""
+        return self.base.storage() if self.is_int8 else self.base.weight
+
+    def dense_base_weight(self) -> torch.Tensor:
+        return self.base.weight  # Int8Linear.weight dequantizes
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale · B A`` (out×in) of one adapter, in float32 (float64 for float64 adapters)."""
+        dt = self._delta_dtype(name)
+        return self.adapters[name].scale * (self.lora_B[name].to(dt) @ self.lora_A[name].to(dt))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_input(x, "LoRALinear")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"LoRALinear expects input with last dim in_features={self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        names = [n for n in self.active if n not in self.merged]
+        names = self._active_unmerged()
         cfgs = [self.adapters[n] for n in names]
         return lora_linear(
             x,
@@ -233,6 +278,4 @@ class LoRALinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        ads = ", ".join(f"{n}(r={c.r}, alpha={c.alpha:g}, dropout={c.dropout:g})"
-                        for n, c in self.adapters.items())
-        return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}], active={self.active}"
+        return f"in={self.in_features}, out={self.out_features}, {super().extra_repr()}"

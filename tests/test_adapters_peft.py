@@ -118,7 +118,7 @@ def test_load_errors(tmp_path):
         load_adapter(other, tmp_path)
     shallow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
                                 patch_size=8, depth=1)
-    with pytest.raises(ValueError, match="'blocks.1.attn.proj' matches no linear layer"):
+    with pytest.raises(ValueError, match="'blocks.1.attn.proj' matches no Linear or Conv2d layer"):
         load_adapter(shallow, tmp_path)
 
 
@@ -161,3 +161,94 @@ def test_save_refuses_trainable_parameters_it_would_drop(tmp_path):
     model.blocks[0].attn.qkv.base.weight.requires_grad_(False)
     save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+
+
+def test_readme_targets_wrap_the_patch_embedding_as_peft_does_both_ways(tmp_path):
+    # peft matches 'proj' by suffix and also wraps the patch_embed.proj Conv2d
+    x = torch.randn(2, 3, 32, 32)
+    pm = peft.get_peft_model(tiny_vit(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    y = pm.eval()(x)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    model = tiny_vit()
+    assert "patch_embed.proj" in load_adapter(model, tmp_path / "theirs", backend="torch")
+    torch.testing.assert_close(model.eval()(x), y, rtol=1e-5, atol=1e-5)
+    ours = tiny_vit()
+    inject_lora(ours, targets=["qkv", "proj", "fc1", "fc2"], r=4, alpha=8, backend="torch")
+    assert "patch_embed.proj" in lora_layers(ours)
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours/adapter_config.json").read_text())["target_modules"] == ["fc1", "fc2", "proj", "qkv"]
+    back = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_into_an_existing_adapter_replaces_it_and_a_failed_load_changes_nothing(tmp_path):
+    src = tiny_vit()
+    inject_lora(src, r=4, backend="torch")
+    randomize_lora(src, seed=5)
+    save_adapter(src, tmp_path / "a")
+    model = tiny_vit()
+    inject_lora(model, r=4, alpha=2, backend="torch")  # same name and shapes, other weights
+    load_adapter(model, tmp_path / "a", trainable=True, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), src.eval()(x))
+    assert model.blocks[0].attn.qkv.adapters["default"].alpha == 16  # the file's settings too
+    # a shape mismatch names the layer and both shapes, and nothing was loaded before it
+    wide = tiny_vit()
+    inject_lora(wide, r=8, backend="torch")
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj\.lora_A has shape \(4, 192\), the layer needs \(8, 192\)"):
+        load_adapter(wide, tmp_path / "a", backend="torch")
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())
+    shallow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                                patch_size=8, depth=1)
+    with pytest.raises(ValueError, match="blocks.1"):
+        load_adapter(shallow, tmp_path / "a")
+    assert not lora_layers(shallow)  # blocks.0 was not wrapped before blocks.1 failed
+
+
+def test_heads_saved_whole_with_their_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=3, img_size=32, embed_dim=(16, 32),
+                              key_dim=8, num_heads=(2, 2), depth=(1, 1))
+    inject_lora(model, backend="torch")  # LeViT's heads are BatchNorm + Linear
+    model.eval()
+    model.head.train(), model.head_dist.train()
+    model(torch.randn(4, 3, 32, 32))  # moves the heads' running statistics (only theirs)
+    save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.head.bn.running_mean", "base_model.model.head_dist.bn.running_var"} <= set(keys)
+    torch.manual_seed(0)  # the same backbone, with the heads' initial statistics
+    fresh = timm.create_model("levit_128s", pretrained=False, num_classes=3, img_size=32, embed_dim=(16, 32),
+                              key_dim=8, num_heads=(2, 2), depth=(1, 1))
+    load_adapter(fresh, tmp_path, backend="torch")
+    torch.testing.assert_close(fresh.head.bn.running_mean, model.head.bn.running_mean)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+def test_several_adapters_in_peft_layout_with_the_head_once(tmp_path):
+    model = tiny_vit()
+    inject_lora(model, r=2, backend="torch")
+    inject_lora(model, targets=["qkv"], r=3, adapter_name="task", backend="torch")
+    randomize_lora(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    for layer in lora_layers(model).values():
+        layer.set_active(list(layer.adapters))
+    save_adapter(model, tmp_path, ["default", "task"])
+    cfgs = [json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path, tmp_path / "task")]
+    assert cfgs[0]["modules_to_save"] == ["head"] and cfgs[1]["modules_to_save"] is None
+    x = torch.randn(2, 3, 32, 32)
+    y = model.eval()(x)
+    pm = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path))
+    pm.load_adapter(str(tmp_path / "task"), adapter_name="task")
+    pm.base_model.set_adapter(["default", "task"])
+    torch.testing.assert_close(pm.eval()(x), y, rtol=1e-5, atol=1e-5)
+    assert (tiny_vit().eval()(x) - y).abs().max() > 1e-3

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfair import LoRALinear, inject_lora, lora_layers, quantize_backbone
+from fastfair.int8 import Int8Linear, bnb_linear8bit
 from fastfair.quant import weight_memory_bytes
 
 
@@ -51,8 +52,16 @@ def test_inject_regex_exclude_any_module_and_second_adapter():
     assert set(model.proj.adapters) == {"default", "second"}
     # earlier adapters are frozen, the new one trains
     assert not model.proj.lora_A["default"].requires_grad and model.proj.lora_A["second"].requires_grad
-    with pytest.raises(ValueError, match="no linear layer matches targets=.*'nothing'"):
+    with pytest.raises(ValueError, match="no Linear/Conv2d layer matches targets=.*'nothing'"):
         inject_lora(model, targets=("nothing",))
+
+
+def test_second_adapter_on_conv_and_linear_layers():
+    model = tiny_vit()
+    inject_lora(model, targets=["qkv", "proj"], r=2, backend="torch")  # 'proj' also names patch_embed.proj
+    inject_lora(model, targets=["qkv", "proj"], r=3, adapter_name="task", backend="torch")
+    assert set(model.patch_embed.proj.adapters) == {"default", "task"}
+    assert model.patch_embed.proj.lora_A["task"].shape == (3, 3, 8, 8)
 
 
 def test_rank_pattern():
@@ -73,8 +82,8 @@ def test_int8_base_matches_dequantized_float64(k, n, r, bias):
     layer = LoRALinear(q, r=r, backend="torch")
     with torch.no_grad():
         layer.lora_B["default"].normal_()
-    assert layer.is_int8 and q.weight.CB.dtype == torch.int8
-    W = q.weight.CB.double() * q.weight.SCB.double()[:, None] / 127
+    assert layer.is_int8 and q.CB.dtype == torch.int8
+    W = q.CB.double() * q.SCB.double()[:, None] / 127
     # row-wise absmax int8: each weight within one quantization step of its row
     step = lin.weight.detach().abs().amax(1, keepdim=True).double() / 127
     assert ((W - lin.weight.double()).abs() <= step).all()
@@ -113,41 +122,67 @@ def test_quantize_vit_memory_and_merge_rules():
         quantize_backbone(tiny_vit(), bits=4)
 
 
-def test_int8_base_follows_a_move_and_bnb_forward():
+def bnb_layer(k, n, seed=0):
+    """A bitsandbytes Linear8bitLt quantized the way bitsandbytes does it (on a move off its CPU copy)."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n)
+    return bnb_linear8bit(lin), lin
+
+
+def test_bnb_base_is_taken_over_exactly_and_runs_weight_only():
+    q, lin = bnb_layer(8, 6)
+    x = torch.randn(3, 8)
+    bnb_y = q(x)  # bitsandbytes' own forward moves CB/SCB from the weight to q.state
+    CB, SCB = q.state.CB.clone(), q.state.SCB.clone()
+    layer = LoRALinear(q, r=2, backend="torch")
+    assert isinstance(layer.base, Int8Linear)
+    assert torch.equal(layer.base.CB, CB) and torch.equal(layer.base.SCB, SCB)  # no requantization
+    W = CB.float() * SCB[:, None] / 127
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, q.bias))
+    torch.testing.assert_close(layer(x), bnb_y, rtol=0.05, atol=0.05)  # bnb quantizes x too
+    # quantize_backbone takes an unwrapped Linear8bitLt over the same way
+    model = nn.Sequential(bnb_layer(8, 6, seed=1)[0])
+    quantize_backbone(model, skip=())
+    assert isinstance(model[0], Int8Linear)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unwrapped_int8_layers_are_weight_only_any_rank(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    dense = [m.weight.detach().clone() for m in model]
     quantize_backbone(model, skip=())
-    x = torch.randn(3, 8)
-    ref = model[0](x)  # bitsandbytes' own forward moves CB/SCB from the weight to layer.state
-    layer = LoRALinear(model[0], r=2, backend="torch")
-    W = layer.base.state.CB.float() * layer.base.state.SCB[:, None] / 127
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.base.bias))
-    torch.testing.assert_close(layer(x), ref, rtol=0.05, atol=0.05)  # bnb quantizes x too
-    # .to(device)/.cuda() swap weight.data in place and leave CB behind on the old device;
-    # a clone stands in for the move, and the stale storage is wiped to show which one is read
-    q = LoRALinear(model[1], r=2, backend="torch")
-    with torch.no_grad():
-        q.lora_B["default"].normal_()
-    h = torch.randn(3, 6)
-    y = q(h)
-    stale = q.base_weight().CB
-    q._apply(lambda t: t.clone())
-    stale.zero_()
-    torch.testing.assert_close(q(h), y)
+    getattr(model, mode)()
+    for shape in [(8,), (3, 8), (2, 2, 2, 8)]:  # swin's downsample.reduction sees 4-D input
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = model(x)
+        assert y.dtype == torch.float64 and y.shape == (*shape[:-1], 4)
+        h = x
+        for m in model:  # weight-only: the activations are not quantized
+            h = torch.nn.functional.linear(h, m.CB.double() * m.SCB.double()[:, None] / 127, m.bias.double())
+        torch.testing.assert_close(y, h, rtol=1e-12, atol=1e-12)
+        y.sum().backward()
+        assert x.grad is not None
+    for m, w in zip(model, dense):
+        assert ((m.weight - w).abs() <= w.abs().amax(1, keepdim=True) / 127).all()
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.ones(2, 8, dtype=torch.long))
 
 
-def test_unwrapped_int8_layer_follows_a_move():
+def test_int8_storage_follows_a_move_and_counts_its_bytes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6))
     quantize_backbone(model, skip=())
     x = torch.randn(3, 8)
-    before = weight_memory_bytes(model)
-    y = model(x)  # bitsandbytes' own forward: CB and SCB now live in layer.state
-    assert weight_memory_bytes(model) == before == 6 * 8 + 6 * 4
-    stale = model[0].state.CB
-    model._apply(lambda t: t.clone())  # stands in for .cuda(): weight.data is replaced in place
+    y = model(x)
+    assert weight_memory_bytes(model) == 6 * 8 + 6 * 4
+    stale = model[0].CB
+    model._apply(lambda t: t.clone())  # stands in for .cuda(): every buffer is replaced
     stale.zero_()
     torch.testing.assert_close(model(x), y)
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    layer._apply(lambda t: t.clone())
+    assert layer.base_weight().CB.data_ptr() == layer.base.CB.data_ptr()
 
 
 def test_trainable_module_around_lora_layers_keeps_bases_and_other_adapters_frozen():
@@ -159,3 +194,98 @@ def test_trainable_module_around_lora_layers_keeps_bases_and_other_adapters_froz
     assert "blocks.1.norm1.weight" in trainable and "head.weight" in trainable
     assert "blocks.1.attn.qkv.lora_A.task" in trainable
     assert not any(".base." in n or "upstream" in n for n in trainable), sorted(trainable)
+
+
+def snapshot(model):
+    """Everything a failed call must leave as it was: module types, tensors and trainable flags."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_same(model, snap):
+    types, state, flags = snapshot(model)
+    assert types == snap[0] and flags == snap[2]
+    assert state.keys() == snap[1].keys() and all(torch.equal(state[k], snap[1][k]) for k in state)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(), "already has an adapter named 'default'"),  # a second call with the same name
+    (dict(adapter_name="task", rank_pattern={"fc2": 0}), r"blocks\.0\.mlp\.fc2.*r=0"),
+    (dict(adapter_name="task", alpha_pattern={"attn.proj": -1.0}), "alpha=-1"),
+    (dict(adapter_name="task", targets="blocks.(qkv"), r"targets='blocks.\(qkv' is not a valid regular"),
+    (dict(adapter_name="task", exclude="[x"), r"exclude='\[x'"),
+    (dict(adapter_name="task", trainable="*head"), r"trainable='\*head'"),
+    (dict(adapter_name="task", rank_pattern={"(fc": 2}), r"rank_pattern key='\(fc'"),
+    (dict(adapter_name="a.b"), "adapter name"),
+])
+def test_failed_inject_leaves_the_model_exactly_as_it_was(kwargs, needle):
+    model = tiny_vit()
+    inject_lora(model, r=2, backend="torch")
+    model.blocks[0].norm1.weight.requires_grad_(True)  # a user's own choice, kept on failure
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=needle):
+        inject_lora(model, backend="torch", **kwargs)
+    assert_same(model, snap)
+
+
+def test_failed_quantize_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(4, 4))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no float linear layer"):
+        quantize_backbone(model, skip=("0",))
+    assert_same(model, snap)
+
+
+def test_classifier_from_timm_metadata_for_quantize_and_inject():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, img_size=32,
+                              window_size=2, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1))
+    # an explicit "head" covers the head's subtree: head.fc stays float (it was quantized before)
+    quantize_backbone(model, skip=("head",))
+    assert type(model.head.fc) is nn.Linear
+    inject_lora(model, backend="torch")  # trainable=None: head.fc from pretrained_cfg["classifier"]
+    assert model.head.fc.weight.requires_grad and model.head.fc.bias.requires_grad
+    with pytest.warns(UserWarning, match=r"trainable=\('classifier',\) matches no module"):
+        inject_lora(model, backend="torch", adapter_name="b", trainable=("classifier",))
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3,
+                                  img_size=32, patch_size=8, depth=1)
+    inject_lora(distilled, backend="torch")
+    assert distilled.head.weight.requires_grad and distilled.head_dist.weight.requires_grad
+
+
+def test_inject_reports_projections_it_did_not_adapt():
+    model = tiny_vit()
+    summary = inject_lora(model, targets=("qkv",), backend="torch")
+    assert summary.missed == [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert "not adapted: ['blocks.0.attn.proj'" in str(summary)
+
+
+def test_code_reading_weight_gets_the_dequantized_int8_weight():
+    class ReadsWeight(nn.Module):  # timm's EVA/BEiT: F.linear(x, self.qkv.weight, bias)
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+    torch.manual_seed(0)
+    model = ReadsWeight()
+    quantize_backbone(model, skip=())
+    q = model.qkv
+    x = torch.randn(3, 8)
+    W = q.CB.float() * q.SCB[:, None] / 127
+    torch.testing.assert_close(model(x), torch.nn.functional.linear(x, W, q.bias))
+    torch.testing.assert_close(model(x), q(x))
+
+
+def test_int8_weight_follows_the_model_dtype():
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))  # no bias to take the dtype from (EVA's qkv)
+    quantize_backbone(model, skip=())
+    assert model[0].weight.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16 and model[0].CB.dtype == torch.int8
+    model.double()
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    assert layer.lora_A["default"].dtype == torch.float64 and layer.weight.dtype == torch.float64

@@ -220,3 +220,78 @@ def test_triton_path_follows_autocast_like_the_reference():
     assert outs["triton"][0].dtype == outs["torch"][0].dtype == dtype
     for a, b in zip(outs["triton"], outs["torch"]):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_weight_is_the_effective_weight_and_trains_the_adapters():
+    # timm's EVA/BEiT/SwinV2 call F.linear(x, layer.qkv.weight, bias): that path must train LoRA too
+    layer = make_layer(12, 10, 4)
+    layer.add_adapter("b", r=2, alpha=3.0)
+    with torch.no_grad():
+        layer.lora_B["b"].normal_()
+    layer.set_active(["default", "b"])
+    x = torch.randn(5, 12)
+    y = layer(x)
+    y_w = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y_w, y, rtol=1e-5, atol=1e-5)
+    grads = []
+    for out in (y, y_w):
+        layer.zero_grad()
+        out.square().sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in (layer.lora_A["default"], layer.lora_B["b"])])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    layer.merge()  # merged adapters sit in the base: not added twice
+    torch.testing.assert_close(layer.weight, layer.base.weight)
+
+
+def test_weight_path_warns_once_that_dropout_is_skipped():
+    layer = make_layer(6, 4, 2, dropout=0.1)
+    layer.train()
+    with pytest.warns(UserWarning, match="dropout cannot apply"):
+        layer.weight
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.weight  # once per layer, not per step
+        layer.eval()
+        layer.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+def test_integer_and_complex_input_refused_like_nn_linear(dtype):
+    layer = LoRALinear(nn.Linear(4, 3), backend="torch")
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+        layer(torch.ones(2, 4).to(dtype))
+
+
+def test_float64_stays_float64_through_merge_and_unmerge():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).double()
+    layer = LoRALinear(base, r=4, backend="torch")
+    assert layer.lora_A["default"].dtype == torch.float64
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    w0, y = base.weight.detach().clone(), layer(x)
+    size = (w0.abs() + layer.delta_weight("default").abs()).max()
+    layer.merge()
+    assert base.weight.dtype == torch.float64
+    torch.testing.assert_close(layer(x), y, rtol=1e-13, atol=1e-13)
+    layer.unmerge()
+    # float32 rounding would leave ~5e-8; float64 arithmetic leaves the last bit of W + ΔW at most
+    assert (base.weight - w0).abs().max() <= 2 * torch.finfo(torch.float64).eps * size
+
+
+def test_int8_base_weight_is_dequantized_effective_weight():
+    from fastfair import quantize_backbone
+
+    model = nn.Sequential(nn.Linear(8, 6))
+    quantize_backbone(model, skip=())
+    layer = LoRALinear(model[0], r=2, backend="torch")
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    W = layer.base.CB.float() * layer.base.SCB[:, None] / 127
+    torch.testing.assert_close(layer.weight, W + layer.delta_weight("default"))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(torch.nn.functional.linear(x, layer.weight, layer.bias), layer(x))
