@@ -9,7 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastfair.config import TrainConfig, load_config
-from fastfair.trainer import latest_checkpoint, main, train
+from fastfair.train_cli import main
+from fastfair.trainer import latest_checkpoint, train
 
 
 def tiny(tmp_path, **kw):
@@ -18,6 +19,12 @@ def tiny(tmp_path, **kw):
                 report_ci=False, output_dir=str(tmp_path / "run"), warmup_steps=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def epoch_records(run_dir):
+    """metrics.jsonl's per-epoch lines (the last line says which epoch was selected)."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "epoch" in r]
 
 
 def adapter_tensors(run_dir):
@@ -32,7 +39,7 @@ def test_smoke_colored_digits_writes_run_dir(tmp_path):
         assert (out / f).is_file(), f
     assert len(list((out / "checkpoints").glob("step_*"))) == 1
     assert 0.0 <= res["test"]["accuracy"] <= 1.0 and len(res["test"]["group_accuracy"]) == 4
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    record = epoch_records(out)[-1]
     assert record["step"] == 2 and "val/worst_group_accuracy" in record
     assert load_config(out / "config.yaml").lam == 1.0
 
@@ -69,7 +76,7 @@ def test_resume_gives_the_same_weights(tmp_path, balanced):
     kw = dict(max_steps=None, epochs=2, batch_size=32, lam=0.5, penalty="worst", balanced_sampling=balanced)
     full = tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw)
     train(full)
-    steps = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    steps = epoch_records(tmp_path / "full")[-1]["step"]
     assert steps > 4
     part = tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw)
     assert train(part, stop_after_steps=steps // 2 + 1)["stopped_at"] == steps // 2 + 1
@@ -188,8 +195,7 @@ def test_resume_after_a_stop_at_the_last_step_still_validates_that_epoch(tmp_pat
     train(tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert train(tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw), stop_after_steps=3)["stopped_at"] == 3
     assert main(["--resume", str(tmp_path / "part")]) == 0
-    full, part = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-                  for d in ("full", "part"))
+    full, part = (epoch_records(tmp_path / d) for d in ("full", "part"))
     assert [r["step"] for r in part] == [r["step"] for r in full] == [3]
     assert part[0]["val/accuracy"] == full[0]["val/accuracy"]
 
