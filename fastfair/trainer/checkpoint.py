@@ -45,16 +45,24 @@ def _digest(path: Path) -> str:
 def write_manifest(ckpt: Path) -> None:
     files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "blake2b": _digest(p)}
              for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    (ckpt / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files, "check": _check(files)}, indent=1) + "\n")
+
+
+def _check(files: dict) -> str:
+    """A hash of the manifest's own listing, so damage to the manifest is told from damage to a file."""
+    return hashlib.blake2b(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def problems(ckpt: Path) -> list[tuple[str, str]]:
     """``(file, what is wrong)`` for each damaged, missing or unlisted file of ``ckpt``."""
     try:
-        listed = json.loads((ckpt / MANIFEST).read_text())["files"]
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        listed = manifest["files"]
+        if manifest["check"] != _check(listed):
+            return [(MANIFEST, "corrupt: its listing does not match its own hash")]
     except FileNotFoundError:
         return [(MANIFEST, "missing: the checkpoint is incomplete")]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return [(MANIFEST, f"unreadable ({e})")]
     found = []
     for name, want in listed.items():
