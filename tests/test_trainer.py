@@ -226,3 +226,58 @@ def test_train_split_smaller_than_a_batch_is_an_error(tmp_path):
     write_csv_dataset(tmp_path, rows)
     with pytest.raises(ValueError, match="train split has 24 samples.*batch_size=32"):
         train(tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv"), batch_size=32))
+
+
+def test_select_by_keeps_and_tests_the_best_validation_epoch(tmp_path, monkeypatch):
+    import fastfair.trainer.loop as loop
+
+    # the validation metric is made to peak at epoch 1 of 3; the other metrics are the real ones
+    real, peaks, seen = loop.evaluate, [0.2, 0.9, 0.5], []
+
+    def evaluate(*args):
+        metrics = real(*args)
+        epoch, compute = len(seen), metrics.compute
+        seen.append(epoch)
+        metrics.compute = lambda: {**compute(), "worst_group_accuracy": peaks[epoch]}
+        return metrics
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    res = train(tiny(tmp_path, max_steps=None, epochs=3, batch_size=128, keep_checkpoints=1,
+                     select_by="worst_group_accuracy"))
+    out = tmp_path / "run"
+    records = epoch_records(out)
+    assert [r["val/worst_group_accuracy"] for r in records] == peaks and len(seen) == 3
+    assert res["selected_epoch"] == 1 and res["selection"]["value"] == 0.9
+    assert "highest val/worst_group_accuracy" in res["selection"]["reason"]
+    # the selected epoch's checkpoint outlives rotation (keep 1) and the final test ran at its weights
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step_00000016", "step_00000024"]
+    real_vals = [(r["val/accuracy"], r["val/loss_variance"]) for r in records]
+    assert real_vals[1] != real_vals[2]
+    assert (res["val"]["accuracy"], res["val"]["loss_variance"]) == real_vals[1]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["selected_epoch"] == 1 and json.loads((out / "meta.json").read_text())["selection"] == last
+
+
+def test_select_by_auto_and_null_fall_back_to_the_last_epoch():
+    from fastfair.trainer.select import Selection
+
+    assert Selection.resolve("auto", num_groups=4).metric == "worst_group_accuracy"
+    assert Selection.resolve("auto", num_groups=1).metric is None
+    assert Selection.resolve("accuracy_gap", 4).higher is False
+    with pytest.raises(ValueError, match="select_by must be .*'worst_acc'"):
+        Selection.resolve("worst_acc", 4)
+
+
+def test_eager_attention_matches_sdpa():
+    import timm
+
+    from fastfair.models import set_attention_backend
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=16, patch_size=8, depth=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        fused = model(x)
+        set_attention_backend(model, "eager")
+        assert not model.blocks[0].attn.fused_attn
+        torch.testing.assert_close(model(x), fused, rtol=1e-5, atol=1e-5)
