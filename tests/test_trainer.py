@@ -31,8 +31,11 @@ def adapter_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_smoke_colored_digits_writes_run_dir(tmp_path):
+def test_smoke_colored_digits_writes_run_dir(tmp_path, capsys):
     res = train(tiny(tmp_path, lam=1.0))
+    printed = capsys.readouterr().out  # not a terminal: no progress bar, one line per epoch
+    assert "\r" not in printed and printed.count("[run] epoch 0 step 2 loss=") == 1
+    assert printed.startswith("[run] test_vit LoRA r=4") and len(printed.splitlines()) <= 4
     out = tmp_path / "run"
     for f in ("config.yaml", "metrics.jsonl", "predictions_val.npz", "predictions_test.npz",
               "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "meta.json"):
