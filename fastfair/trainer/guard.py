@@ -36,7 +36,7 @@ class NonFiniteGuard:
         """Called at each optimizer step before the update; False: skip it (policy ``skip``)."""
         bad = self._window(params)
         if self.policy == "skip":
-            return not bool(self.accelerator.gather(bad.reshape(1)).any())
+            return not bool(self.accelerator.gather(bad.reshape(1).int()).any())  # gloo has no bool
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
         self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
@@ -49,7 +49,7 @@ class NonFiniteGuard:
         step = -1 if self.first_bad is None else int(gather(self.first_bad.reshape(1)).max())
         params_bad = False
         if params is not None:
-            finite = torch.stack([p.detach().isfinite().all() for p in params]).all().reshape(1)
+            finite = torch.stack([p.detach().isfinite().all() for p in params]).all().reshape(1).int()
             params_bad = not bool(gather(finite).all())
         if step < 0 and not params_bad:
             return
