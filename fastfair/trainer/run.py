@@ -18,7 +18,7 @@ from ..models import create_backbone, setup_finetuning, trainable_parameters
 from . import checkpoint, rundir
 from .data import WithIndex, build_datasets_for, loss_group_table
 from .guard import NonFiniteGuard
-from .select import Selection
+from .select import Selection, check_name
 
 
 class TrainerState:
@@ -133,6 +133,7 @@ def prepare(cfg: TrainConfig, resume=None, datasets: dict | None = None,
     ``datasets``/``backbone``: replace the config's data / ``create_backbone`` (workflows).
     """
     cfg.validate()
+    check_name(cfg.select_by)  # needs the metric table, which config.py does not import
     out, to_clear = _check_out_dir(cfg, resume)
     accelerator = _accelerator(cfg, out)
     set_seed(cfg.seed)

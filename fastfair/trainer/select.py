@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from ..metrics import HIGHER_IS_BETTER
 
 
+def check_name(select_by: str | None) -> None:
+    if select_by not in (None, "auto") and select_by not in HIGHER_IS_BETTER:
+        raise ValueError(f"select_by must be 'auto', null or one of {sorted(HIGHER_IS_BETTER)}, "
+                         f"got {select_by!r}")
+
+
 @dataclass
 class Selection:
     metric: str | None  # None: the last epoch
@@ -19,9 +25,7 @@ class Selection:
             select_by = "worst_group_accuracy" if num_groups > 1 else None
         if select_by is None:
             return cls(None)
-        if select_by not in HIGHER_IS_BETTER:
-            raise ValueError(f"select_by must be 'auto', null or one of {sorted(HIGHER_IS_BETTER)}, "
-                             f"got {select_by!r}")
+        check_name(select_by)
         return cls(select_by, HIGHER_IS_BETTER[select_by])
 
     def update(self, state, val: dict) -> bool:
