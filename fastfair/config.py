@@ -230,14 +230,12 @@ class TrainConfig:
         return dataclasses.replace(self, **changes).validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def run_dict(self) -> dict:
-        """What defines the run: the saved keys (no per-invocation instructions)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["saved"]}
+        """What defines the run: every key but the per-invocation instructions (``overwrite``,
+        ``resume_without_rng_state``), as config.yaml holds it."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["saved"]}
 
     def save(self, path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.run_dict(), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def summary(self) -> str:
         """One line for the log; the whole config is in config.yaml."""
@@ -373,4 +371,4 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def dump(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.run_dict(), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

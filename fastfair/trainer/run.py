@@ -193,6 +193,6 @@ def _start(run: Run, resume, to_clear: list[str], summary) -> None:
         print(f"[{run.name}] {cfg.summary()}; {summary}{resumed}; config: {out / 'config.yaml'}", flush=True)
     if cfg.log_with:
         acc.init_trackers("fastfair", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                              for k, v in cfg.run_dict().items()})
+                                              for k, v in cfg.to_dict().items()})
 
 

@@ -43,8 +43,8 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     if not path.is_file():
         raise ValueError(f"--resume {run_dir}: {path} not found (not a run directory)")
     saved = yaml.safe_load(path.read_text()) or {}
-    theirs = TrainConfig(**{**cfg.run_dict(), **saved}).validate().run_dict()
-    ours = cfg.run_dict()
+    theirs = TrainConfig(**{**cfg.to_dict(), **saved}).validate().to_dict()
+    ours = cfg.to_dict()
     fixed = [f.name for f in dataclasses.fields(TrainConfig)
              if not f.metadata["resumable"] and f.name != "output_dir"]
     diff = [f"{k}: {theirs[k]!r} in the run, {ours[k]!r} now" for k in fixed if ours.get(k) != theirs.get(k)]
