@@ -4,8 +4,26 @@ Names are imported on first use, so ``from fastfair import LoRALinear`` does not
 torchvision or the metrics stack.
 """
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _DropMessage(logging.Filter):
+    """Drops one known log message of a third-party logger, and nothing else."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# bitsandbytes warns on import on CPUs with AVX512-BF16 that an optional 4-bit CPU kernel (from
+# the `kernels` package) is unavailable; fastfair uses no 4-bit op, so the line only alarms users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropMessage("Failed to load CPU gemm_4bit_forward"))
 
 _EXPORTS = {
     "LoRALinear": "lora",

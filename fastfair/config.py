@@ -1,187 +1,374 @@
-"""Training configuration: one dataclass, read from a YAML file with command-line flags over it."""
+"""Training configuration: one dataclass, the single source of every flag.
+
+Each field carries its help text, choices, range and the section it belongs to in
+``field(metadata=...)``; ``validate`` checks them all in one place, ``add_config_arguments``
+turns them into documented ``--flags``, and a YAML file supplies many at once. This module
+imports only ``yaml`` so that ``--help`` answers before torch is loaded.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+# Kept in step with fastfair.losses.PENALTIES and fastfair.backend.BACKENDS (a test checks):
+# importing those modules would load torch, and --help must not wait for it.
+PENALTIES = ("variance", "std", "range", "worst", "cvar", "none")
+BACKENDS = ("auto", "torch", "triton")
+METHODS = ("erm", "fairlora", "groupdro", "reweight", "jtt", "dfr")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a number must lie in; ``open_lo``/``open_hi`` exclude that end."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = v > self.lo if self.open_lo else v >= self.lo
+        below = v < self.hi if self.open_hi else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def end(x):
+            return "inf" if x == math.inf else ("-inf" if x == -math.inf else f"{x:g}")
+        lo = "(" if self.open_lo or self.lo == -math.inf else "["  # infinities are never accepted
+        hi = ")" if self.open_hi or self.hi == math.inf else "]"
+        return f"{lo}{end(self.lo)}, {end(self.hi)}{hi}"
+
+
+POSITIVE_INT, NON_NEGATIVE = Range(1), Range(0)
+POSITIVE, UNIT = Range(0, open_lo=True), Range(0, 1)
+
+
+def opt(default, help: str, *, choices=None, range: Range | None = None, section: str = "",
+        applies: tuple[str, tuple] | None = None, resumable: bool = False, saved: bool = True):
+    """A config field with its documentation.
+
+    ``applies=(key, values)``: the flag means something only when ``key`` is one of ``values``;
+    given otherwise it is refused by name. ``resumable``: may differ on ``--resume`` (it does not
+    change what the run computes). ``saved=False``: an instruction to this invocation, not part of
+    the run, so not written to ``config.yaml``.
+    """
+    meta = dict(help=help, choices=choices, range=range, section=section, applies=applies,
+                resumable=resumable, saved=saved)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LORA = ("finetune", ("lora",))
+NOT_FULL = ("finetune", ("lora", "linear"))
+CSV = ("data", ("csv",))
+DIGITS = ("data", ("colored_digits",))
+
 
 @dataclass
 class TrainConfig:
-    # model
     # The defaults are the embedded CPU demo: timm's tiny test ViT (6 blocks, width 64) at 32 px
     # with 16 px patches (4 tokens), which LoRA can fit from random init in a few hundred steps.
-    model: str = "test_vit"
-    pretrained: bool = False  # load timm's weights (needs internet); tests never do
-    checkpoint: str | None = None  # local weights file (.safetensors / .pt / .pth) for the backbone
-    img_size: int | None = 32  # None keeps the model's own
-    patch_size: int | None = 16
-    depth: int | None = None  # None keeps the model's own
-    model_kwargs: dict = field(default_factory=dict)
-    attn: str = "sdpa"  # "sdpa" or "xformers" (CUDA only)
-    # what is trained
-    finetune: str = "lora"  # "lora", "full" (every parameter) or "linear" (the head alone)
-    targets: list | str = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
-    exclude: list | str = field(default_factory=list)
-    trainable: list = field(default_factory=lambda: ["head"])
-    rank: int = 8
-    adapter_name: str = "default"
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    rank_pattern: dict = field(default_factory=dict)
-    int8: bool = False  # store the frozen backbone as bitsandbytes int8
-    backend: str = "auto"
-    # fairness loss
-    lam: float = 0.0
-    penalty: str = "variance"
-    loss_groups: str = "group"  # "group" (the dataset's groups), "class" or "attribute"
-    penalty_alpha: float = 0.5  # cvar fraction
-    dro_step_size: float = 0.01
-    label_smoothing: float = 0.0
-    # optimization
-    epochs: int = 8
-    max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0
-    balanced_sampling: bool = False
-    # method (issue 14): what the run does about groups; see fastfair.methods
-    method: str = "fairlora"  # "erm", "fairlora", "groupdro", "reweight", "jtt", "dfr"
-    jtt_epochs: int = 1  # JTT: epochs of the identification (ERM) run
-    jtt_upweight: float = 5.0  # JTT: how many times each error of that run is repeated
-    dfr_epochs: int = 20  # DFR: epochs of last-layer retraining on the balanced validation half
-    dfr_lr: float = 1e-2  # DFR: learning rate of the last-layer retraining
-    select_by: str | None = "auto"  # validation metric that picks the kept epoch; "auto":
-    # worst_group_accuracy when groups exist, null: the last epoch
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
-    seed: int = 0
-    data_seed: int | None = None  # the data split and colors; null: the same as seed
-    # data
-    data: str = "colored_digits"
-    correlation: float = 0.95
-    binary: bool = True  # digit < 5 with two colors: 4 groups, large enough to read
-    repeats: int = 2
-    csv_path: str | None = None
-    image_root: str | None = None
-    path_col: str = "path"
-    label_col: str = "label"
-    group_col: str = "group"
-    split_col: str = "split"
-    image_size: int | None = None  # CSV images are resized to this; defaults to img_size
-    num_workers: int = 0
-    verify_images: str = "auto"  # "full", "sample", "none"; auto: full under 100k images
-    allow_outside_root: bool = False  # accept CSV paths that leave image_root
-    # output
-    output_dir: str = "runs/default"
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    log_with: str | None = "tensorboard"  # accelerate tracker, or None
-    report_ci: bool = True  # bootstrap intervals in the final report
-    n_boot: int = 200
+    model: str = opt("test_vit", "timm architecture name", section="model")
+    pretrained: bool = opt(False, "load timm's published weights (needs internet)", section="model")
+    checkpoint: str | None = opt(None, "local backbone weights (.safetensors/.pt/.pth); the head is "
+                                 "re-initialized and position embeddings resampled", section="model")
+    img_size: int | None = opt(32, "model input size; null keeps the model's own", range=Range(1),
+                               section="model")
+    patch_size: int | None = opt(16, "ViT patch size; null keeps the model's own", range=Range(1),
+                                 section="model")
+    depth: int | None = opt(None, "number of blocks; null keeps the model's own", range=Range(1),
+                            section="model")
+    model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model", section="model")
+    attn: str = opt("sdpa", "attention kernel: PyTorch's scaled_dot_product_attention (which picks "
+                    "flash or memory-efficient kernels itself) or timm's eager path",
+                    choices=("sdpa", "eager"), section="model")
+    finetune: str = opt("lora", "what is trained: LoRA adapters, every parameter, or the head alone",
+                        choices=("lora", "full", "linear"), section="fine-tuning")
+    targets: list | str = opt(["qkv", "proj", "fc1", "fc2"], "module-name patterns that get LoRA",
+                              section="fine-tuning", applies=LORA)
+    exclude: list | str = opt([], "module-name patterns never given LoRA", section="fine-tuning",
+                              applies=LORA)
+    trainable: list = opt(["head"], "module-name patterns trained in full beside the adapters",
+                          section="fine-tuning", applies=NOT_FULL)
+    rank: int = opt(8, "LoRA rank", range=POSITIVE_INT, section="fine-tuning", applies=LORA)
+    adapter_name: str = opt("default", "name of the adapter in the saved PEFT files",
+                            section="fine-tuning", applies=LORA)
+    alpha: float = opt(16.0, "LoRA scale numerator (scale = alpha / rank)", range=POSITIVE,
+                       section="fine-tuning", applies=LORA)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", range=Range(0, 1, open_hi=True),
+                              section="fine-tuning", applies=LORA)
+    use_rslora: bool = opt(False, "rank-stabilized scale alpha / sqrt(rank)", section="fine-tuning",
+                           applies=LORA)
+    rank_pattern: dict = opt({}, "per-module rank overrides {pattern: rank}", section="fine-tuning",
+                             applies=LORA)
+    int8: bool = opt(False, "store the frozen backbone as bitsandbytes int8", section="fine-tuning",
+                     applies=NOT_FULL)
+    backend: str = opt("auto", "kernels: Triton on CUDA with auto, else the PyTorch reference",
+                       choices=BACKENDS, section="fine-tuning")
+    lam: float = opt(0.0, "weight of the fairness penalty (0: plain cross-entropy)", range=NON_NEGATIVE,
+                     section="fairness loss")
+    penalty: str = opt("variance", "penalty on the per-group mean losses", choices=PENALTIES,
+                       section="fairness loss")
+    loss_groups: str = opt("group", "what the penalty's groups are", choices=("group", "class", "attribute"),
+                           section="fairness loss")
+    penalty_alpha: float = opt(0.5, "CVaR: the fraction of worst groups averaged", range=Range(0, 1, open_lo=True),
+                               section="fairness loss", applies=("penalty", ("cvar",)))
+    dro_step_size: float = opt(0.01, "GroupDRO: step size of the online group weights", range=NON_NEGATIVE,
+                               section="fairness loss")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", range=Range(0, 1, open_hi=True),
+                                 section="fairness loss")
+    epochs: int = opt(8, "passes over the training split", range=POSITIVE_INT, section="optimization")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (smoke runs)",
+                                range=POSITIVE_INT, section="optimization")
+    batch_size: int = opt(64, "training batch per process", range=POSITIVE_INT, section="optimization")
+    eval_batch_size: int = opt(256, "evaluation batch per process", range=POSITIVE_INT,
+                               section="optimization", resumable=True)
+    grad_accum: int = opt(1, "batches per optimizer step", range=POSITIVE_INT, section="optimization")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)", range=POSITIVE, section="optimization")
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=NON_NEGATIVE, section="optimization")
+    warmup_steps: int = opt(10, "linear warm-up steps before the cosine decay", range=NON_NEGATIVE,
+                            section="optimization")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr", range=UNIT,
+                              section="optimization")
+    balanced_sampling: bool = opt(False, "draw training batches group-balanced", section="optimization")
+    nan_policy: str = opt("stop", "on a non-finite loss or gradient: stop with an error naming the step "
+                          "and the last good checkpoint, or skip that update (one host sync per step)",
+                          choices=("stop", "skip"), section="optimization", resumable=True)
+    method: str = opt("fairlora", "what the run does about groups (see fastfair.methods)", choices=METHODS,
+                      section="method")
+    jtt_epochs: int = opt(1, "JTT: epochs of the identification (ERM) run", range=POSITIVE_INT,
+                          section="method")
+    jtt_upweight: float = opt(5.0, "JTT: how many times each error of that run is repeated",
+                              range=Range(1), section="method")
+    dfr_epochs: int = opt(20, "DFR: epochs of last-layer retraining on the balanced validation half",
+                          range=POSITIVE_INT, section="method")
+    dfr_lr: float = opt(1e-2, "DFR: learning rate of the last-layer retraining", range=POSITIVE,
+                        section="method")
+    select_by: str | None = opt("auto", "validation metric whose best epoch is kept and tested; auto: "
+                                "worst_group_accuracy when there are groups; null: the last epoch",
+                                section="method")
+    mixed_precision: str = opt("no", "autocast precision", choices=("no", "bf16", "fp16"),
+                               section="optimization")
+    seed: int = opt(0, "seed of the model, the batches and (without data_seed) the data", range=NON_NEGATIVE,
+                    section="run")
+    data_seed: int | None = opt(None, "seed of the data split and colors; null: the same as seed", range=NON_NEGATIVE,
+                                section="run")
+    data: str = opt("colored_digits", "dataset: the embedded colored digits, or images listed in a CSV",
+                    choices=("colored_digits", "csv"), section="data")
+    correlation: float = opt(0.95, "colored digits: how often the color agrees with the label in training",
+                             range=UNIT, section="data", applies=DIGITS)
+    binary: bool = opt(True, "colored digits: digit < 5 vs the rest with two colors (4 groups)",
+                       section="data", applies=DIGITS)
+    repeats: int = opt(2, "colored digits: copies of each digit, each colored anew", range=POSITIVE_INT,
+                       section="data", applies=DIGITS)
+    csv_path: str | None = opt(None, "CSV listing the images (path, label, group, split)", section="data",
+                               applies=CSV)
+    image_root: str | None = opt(None, "directory the CSV paths are relative to", section="data", applies=CSV)
+    path_col: str = opt("path", "CSV column of image paths", section="data", applies=CSV)
+    label_col: str = opt("label", "CSV column of labels", section="data", applies=CSV)
+    group_col: str = opt("group", "CSV column of groups", section="data", applies=CSV)
+    split_col: str = opt("split", "CSV column of splits", section="data", applies=CSV)
+    image_size: int | None = opt(None, "images are resized to this; null: img_size", range=Range(4),
+                                 section="data")
+    num_workers: int = opt(0, "data-loader worker processes", range=NON_NEGATIVE, section="data",
+                           resumable=True)
+    verify_images: str = opt("auto", "decode every image before training (auto: full under 100k images)",
+                             choices=("auto", "full", "sample", "none"), section="data", applies=CSV,
+                             resumable=True)
+    allow_outside_root: bool = opt(False, "accept CSV paths that leave image_root", section="data",
+                                   applies=CSV)
+    output_dir: str = opt("runs/default", "run directory (must not hold another run)", section="output")
+    save_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)", range=NON_NEGATIVE,
+                          section="output", resumable=True)
+    keep_checkpoints: int = opt(2, "checkpoints kept besides the selected epoch's", range=POSITIVE_INT,
+                                section="output", resumable=True)
+    log_every: int = opt(10, "optimizer steps between loss readings", range=POSITIVE_INT, section="output",
+                         resumable=True)
+    log_with: str | None = opt("tensorboard", "accelerate tracker, or null", section="output", resumable=True)
+    report_ci: bool = opt(True, "bootstrap intervals in the final report", section="output", resumable=True)
+    n_boot: int = opt(200, "bootstrap resamples", range=POSITIVE_INT, section="output", resumable=True)
+    overwrite: bool = opt(False, "replace a run already in output_dir (its checkpoints, metrics, "
+                          "predictions and report are removed first)", section="output", saved=False)
+    resume_without_rng_state: bool = opt(False, "resume even when the checkpoint's random states are "
+                                         "missing or corrupt (the run will not reproduce)",
+                                         section="output", saved=False)
 
     def validate(self) -> "TrainConfig":
+        """Types, choices and ranges of every field, then the checks across fields."""
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if hints[f.name] is float and isinstance(v, (str, int)) and not isinstance(v, bool):
-                try:  # YAML 1.1 reads '1e-3' (no dot) as a string
-                    setattr(self, f.name, float(v))
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {v!r}") from None
-        choices = {"finetune": ("lora", "full", "linear"), "attn": ("sdpa", "xformers"),
-                   "loss_groups": ("group", "class", "attribute"),
-                   "mixed_precision": ("no", "bf16", "fp16"), "data": ("colored_digits", "csv")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "rank", "log_every",
-                    "keep_checkpoints", "repeats")
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("warmup_steps", "save_every", "num_workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+            setattr(self, f.name, check_value(f, hints[f.name], getattr(self, f.name)))
+        size = self.image_size or self.img_size
+        if size is not None and self.patch_size is not None and size % self.patch_size:
+            raise ValueError(f"image size {size} is not a multiple of patch_size={self.patch_size}")
         if self.data == "csv" and not self.csv_path:
             raise ValueError("data='csv' needs csv_path (and image_root)")
+        if (self.pretrained or self.checkpoint) and self.depth is not None:
+            raise ValueError(f"depth={self.depth} changes the architecture, so pretrained or checkpoint "
+                             "weights cannot load; set depth to null")
         return self
 
+    def check_applicable(self, given) -> "TrainConfig":
+        """Refuse, by name, keys the user gave that mean nothing for this data or fine-tuning mode."""
+        for f in dataclasses.fields(self):
+            rule = f.metadata["applies"]
+            if f.name in given and rule and getattr(self, rule[0]) not in rule[1]:
+                raise ValueError(f"--{flag(f.name)} does not apply with {rule[0]}={getattr(self, rule[0])!r} "
+                                 f"(only with {rule[0]} in {list(rule[1])}); remove it")
+        return self
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A derived config (``dataclasses.replace``), validated."""
+        return dataclasses.replace(self, **changes).validate()
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What defines the run: every key but the per-invocation instructions (``overwrite``,
+        ``resume_without_rng_state``), as config.yaml holds it."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["saved"]}
 
     def save(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-
-def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
-    """A config from a YAML file (unknown keys are an error naming them), then ``overrides``."""
-    values = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {p} not found")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{p}: expected a mapping of config keys, got {type(values).__name__}")
-    values.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}{f' in {path}' if path else ''}")
-    return TrainConfig(**values).validate()
+    def summary(self) -> str:
+        """One line for the log; the whole config is in config.yaml."""
+        what = f"LoRA r={self.rank}" if self.finetune == "lora" else self.finetune
+        return (f"{self.model} {what}, {self.method} lam={self.lam:g} {self.penalty}, lr={self.lr:g}, "
+                f"{self.epochs} epochs x bs {self.batch_size}, data={self.data}, seed={self.seed}")
 
 
-def _parse_value(text: str, kind):
-    """Flags take YAML values: ``--rank 16``, ``--targets '[qkv, proj]'``, ``--checkpoint null``."""
-    value = yaml.safe_load(text)
-    if kind is float and isinstance(value, str):
-        try:  # YAML 1.1 reads '1e-3' (no dot) as a string
-            value = float(text)
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_value(f: dataclasses.Field, hint, value):
+    """``value`` for field ``f``, numbers coerced (YAML 1.1 reads '1e-3' as a string), or a
+    ValueError naming the field and the value."""
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] if typing.get_args(hint) else [hint]
+    kinds = [typing.get_origin(k) or k for k in kinds]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            value = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+            raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+    if not any(_is(value, k) for k in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{f.name} must be {names}, got {value!r}")
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{f.name} must be finite, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+    if meta["range"] is not None and value not in meta["range"]:
+        raise ValueError(f"{f.name} must be in {meta['range']}, got {value!r}")
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config field, defaulting to 'not given' so YAML values survive."""
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path=None, overrides: dict | None = None, given=None) -> TrainConfig:
+    """A config from a YAML file (unknown keys are an error naming them), then ``overrides``.
+
+    ``given``: keys the user chose (flags, their own YAML file); those that do not apply to the
+    chosen data or fine-tuning mode are refused. A run's own config.yaml is not "given".
+    """
+    values = read_yaml(path) if path is not None else {}
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}{f' in {path}' if path else ''}")
+    cfg = TrainConfig(**values).validate()
+    return cfg.check_applicable(set(given or ()))
+
+
+def read_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} not found")
+    values = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{p}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def _flag_type(f: dataclasses.Field, hint):
+    """Flags take YAML values: ``--rank 16``, ``--targets '[qkv, proj]'``, ``--checkpoint null``."""
+    def parse(text: str):
+        try:
+            return check_value(f, hint, yaml.safe_load(text))
+        except (ValueError, yaml.YAMLError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = f.name  # argparse names the type in its error
+    return parse
+
+
+def _metavar(f: dataclasses.Field, hint) -> str:
+    if f.metadata["choices"]:
+        return "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return "|".join((typing.get_origin(a) or a).__name__.upper() for a in args)
+
+
+def _help(f: dataclasses.Field) -> str:
+    meta, parts = f.metadata, [f.metadata["help"]]
+    if meta["choices"]:
+        parts.append(f"choices: {', '.join(map(str, meta['choices']))}")
+    if meta["range"] is not None:
+        parts.append(f"range: {meta['range']}")
+    if meta["applies"]:
+        parts.append(f"only with {meta['applies'][0]}={'/'.join(meta['applies'][1])}")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    parts.append(f"default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One documented ``--flag`` per config field (help, choices, range, default), grouped by
+    section; a flag not given stays absent so the YAML value under it survives."""
     hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        kind = kind if kind in (int, float, bool, str) else None
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            type=lambda t, k=kind: _parse_value(t, k), metavar="VALUE")
+        if f.name in skip:
+            continue
+        section = f.metadata["section"]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (TrainConfig)")
+        switch = dict(nargs="?", const=True) if hints[f.name] is bool else {}  # --overwrite alone: true
+        groups[section].add_argument(f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
+                                     type=_flag_type(f, hints[f.name]), help=_help(f),
+                                     metavar=_metavar(f, hints[f.name]), **switch)
+
+
+def given_keys(args: argparse.Namespace) -> set[str]:
+    return {name for name in FIELDS if hasattr(args, name)}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if hasattr(args, f.name)}
-    return load_config(getattr(args, "config", None), overrides)
+    """The config of ``--config FILE`` (if any) with the flags over it; flags that do not apply
+    to the chosen data or fine-tuning mode are refused."""
+    overrides = {name: getattr(args, name) for name in given_keys(args)}
+    path = getattr(args, "config", None)
+    given = set(overrides) | (set(read_yaml(path)) if path else set())
+    return load_config(path, overrides, given=given)
 
 
 def dump(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, default=str)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import timm
@@ -19,9 +18,6 @@ def create_backbone(cfg, num_classes: int) -> nn.Module:
     for key in ("img_size", "patch_size", "depth"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
-    if (cfg.pretrained or cfg.checkpoint) and cfg.depth is not None:
-        raise ValueError(f"depth={cfg.depth} changes the architecture, so pretrained or checkpoint "
-                         "weights cannot load; set depth to null")
     try:
         model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
@@ -34,31 +30,46 @@ def create_backbone(cfg, num_classes: int) -> nn.Module:
 
 
 def load_backbone_weights(model: nn.Module, path) -> list[str]:
-    """Load local weights; the classifier's tensors whose shape differs are skipped and returned.
+    """Load local weights with timm's ``load_pretrained``; returns the keys left as initialized.
 
-    The architecture's own timm converter runs first (original DINOv2 / CLIP layouts, position
-    embeddings resampled to the model's ``img_size``); any other shape mismatch is an error.
+    timm reads the file (safetensors or torch) and runs the architecture's checkpoint filter
+    (original DINOv2 / CLIP layouts, position embeddings resampled to the model's ``img_size``).
+    The classifier is loaded only where its shape fits the task; any other misfit is an error
+    naming the tensors.
     """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint file {p} not found")
-    state = timm.models.load_state_dict(str(p))
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
+    seen, dropped = {}, []
+
+    def filter_fn(state, model):
+        arch_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        state = arch_filter(state, model) if arch_filter is not None else state
+        dropped.extend(_misfit_head(state, model))
+        seen.update({k: v for k, v in state.items() if k not in dropped})
+        return seen
+
+    pcfg = {"file": str(p), "source": "", "num_classes": getattr(model, "num_classes", None),
+            "classifier": None}
+    try:
+        timm.models.load_pretrained(model, pretrained_cfg=pcfg, num_classes=pcfg["num_classes"],
+                                    filter_fn=filter_fn, strict=False)
+    except RuntimeError as e:
+        misfits = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(f"checkpoint {p} does not fit {type(model).__name__} ({len(misfits)} tensors): "
+                         f"{'; '.join(misfits[:4]) or e}") from None
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head and n for k in m.state_dict()}
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in skipped if k not in head_keys]
-    if wrong:
-        raise ValueError(f"checkpoint {p} does not fit {type(model).__name__} ({len(wrong)} tensors, "
-                         f"checkpoint vs model): {wrong[:4]}")
-    state = {k: v for k, v in state.items() if k not in skipped}
-    result = model.load_state_dict(state, strict=False)
-    if len(result.missing_keys) == len(own):
+    if not set(seen) & set(own):
         raise ValueError(f"checkpoint {p} matches no parameter of {type(model).__name__}")
-    return skipped + [k for k in result.missing_keys if k not in skipped]
+    return dropped + [k for k in own if k not in seen and k not in dropped]
+
+
+def _misfit_head(state: dict, model: nn.Module) -> list[str]:
+    """The classifier's tensors whose shape differs from the model's (a new task's head)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    own = model.state_dict()
+    names = {f"{n}.{k}" for n, m in model.named_modules() if m is head and n for k in m.state_dict()}
+    return [k for k in names if k in state and state[k].shape != own[k].shape]
 
 
 def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:
@@ -89,40 +100,17 @@ def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:
 
 
 def set_attention_backend(model: nn.Module, attn: str) -> None:
-    """``sdpa`` keeps timm's fused attention; ``xformers`` swaps in memory-efficient attention."""
-    if attn == "sdpa":
-        return
-    if attn != "xformers":
-        raise ValueError(f"attn must be 'sdpa' or 'xformers', got {attn!r}")
-    try:
-        import xformers.ops as xops
-    except Exception as e:
-        raise ValueError("attn='xformers' needs the xformers package (pip install 'fastfair[gpu]')") from e
-    if not torch.cuda.is_available():
-        raise ValueError("attn='xformers' needs a CUDA GPU: xformers has no CPU kernels; use attn='sdpa'")
-    from timm.models.vision_transformer import Attention
-
-    n = 0
+    """``sdpa``: timm's fused path, ``F.scaled_dot_product_attention``, which itself picks the flash
+    or memory-efficient kernel on a GPU; ``eager``: timm's explicit softmax(QK^T)V (for debugging
+    and double backward). Set per module through timm's own ``fused_attn`` switch."""
+    if attn not in ATTENTION:
+        raise ValueError(f"attn must be one of {tuple(ATTENTION)}, got {attn!r}")
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.forward = types.MethodType(_xformers_forward(xops), module)
-            n += 1
-    if n == 0:
-        raise ValueError(f"attn='xformers': {type(model).__name__} has no timm ViT attention to replace")
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = ATTENTION[attn]
 
 
-def _xformers_forward(xops):
-    def forward(self, x, attn_mask=None, **_):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # xformers takes [B, N, heads, head_dim]
-        q, k = self.q_norm(q), self.k_norm(k)
-        p = self.attn_drop.p if self.training else 0.0
-        x = xops.memory_efficient_attention(q, k, v, attn_bias=attn_mask, p=p, scale=self.scale)
-        x = self.norm(x.reshape(B, N, -1)) if hasattr(self, "norm") else x.reshape(B, N, -1)
-        return self.proj_drop(self.proj(x))
-
-    return forward
+ATTENTION = {"sdpa": True, "eager": False}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

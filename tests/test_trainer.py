@@ -9,7 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastfair.config import TrainConfig, load_config
-from fastfair.trainer import latest_checkpoint, main, train
+from fastfair.train_cli import main
+from fastfair.trainer import latest_checkpoint, train
 
 
 def tiny(tmp_path, **kw):
@@ -20,19 +21,28 @@ def tiny(tmp_path, **kw):
     return TrainConfig(**base)
 
 
+def epoch_records(run_dir):
+    """metrics.jsonl's per-epoch lines (the last line says which epoch was selected)."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "epoch" in r]
+
+
 def adapter_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_smoke_colored_digits_writes_run_dir(tmp_path):
+def test_smoke_colored_digits_writes_run_dir(tmp_path, capsys):
     res = train(tiny(tmp_path, lam=1.0))
+    printed = capsys.readouterr().out  # not a terminal: no progress bar, one line per epoch
+    assert "\r" not in printed and printed.count("[run] epoch 0 step 2 loss=") == 1
+    assert printed.startswith("[run] test_vit LoRA r=4") and len(printed.splitlines()) <= 4
     out = tmp_path / "run"
     for f in ("config.yaml", "metrics.jsonl", "predictions_val.npz", "predictions_test.npz",
               "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "meta.json"):
         assert (out / f).is_file(), f
     assert len(list((out / "checkpoints").glob("step_*"))) == 1
     assert 0.0 <= res["test"]["accuracy"] <= 1.0 and len(res["test"]["group_accuracy"]) == 4
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    record = epoch_records(out)[-1]
     assert record["step"] == 2 and "val/worst_group_accuracy" in record
     assert load_config(out / "config.yaml").lam == 1.0
 
@@ -69,7 +79,7 @@ def test_resume_gives_the_same_weights(tmp_path, balanced):
     kw = dict(max_steps=None, epochs=2, batch_size=32, lam=0.5, penalty="worst", balanced_sampling=balanced)
     full = tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw)
     train(full)
-    steps = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    steps = epoch_records(tmp_path / "full")[-1]["step"]
     assert steps > 4
     part = tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw)
     assert train(part, stop_after_steps=steps // 2 + 1)["stopped_at"] == steps // 2 + 1
@@ -188,8 +198,7 @@ def test_resume_after_a_stop_at_the_last_step_still_validates_that_epoch(tmp_pat
     train(tiny(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert train(tiny(tmp_path, output_dir=str(tmp_path / "part"), **kw), stop_after_steps=3)["stopped_at"] == 3
     assert main(["--resume", str(tmp_path / "part")]) == 0
-    full, part = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-                  for d in ("full", "part"))
+    full, part = (epoch_records(tmp_path / d) for d in ("full", "part"))
     assert [r["step"] for r in part] == [r["step"] for r in full] == [3]
     assert part[0]["val/accuracy"] == full[0]["val/accuracy"]
 
@@ -220,3 +229,58 @@ def test_train_split_smaller_than_a_batch_is_an_error(tmp_path):
     write_csv_dataset(tmp_path, rows)
     with pytest.raises(ValueError, match="train split has 24 samples.*batch_size=32"):
         train(tiny(tmp_path, data="csv", csv_path=str(tmp_path / "meta.csv"), batch_size=32))
+
+
+def test_select_by_keeps_and_tests_the_best_validation_epoch(tmp_path, monkeypatch):
+    import fastfair.trainer.loop as loop
+
+    # the validation metric is made to peak at epoch 1 of 3; the other metrics are the real ones
+    real, peaks, seen = loop.evaluate, [0.2, 0.9, 0.5], []
+
+    def evaluate(*args):
+        metrics = real(*args)
+        epoch, compute = len(seen), metrics.compute
+        seen.append(epoch)
+        metrics.compute = lambda: {**compute(), "worst_group_accuracy": peaks[epoch]}
+        return metrics
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    res = train(tiny(tmp_path, max_steps=None, epochs=3, batch_size=128, keep_checkpoints=1,
+                     select_by="worst_group_accuracy"))
+    out = tmp_path / "run"
+    records = epoch_records(out)
+    assert [r["val/worst_group_accuracy"] for r in records] == peaks and len(seen) == 3
+    assert res["selected_epoch"] == 1 and res["selection"]["value"] == 0.9
+    assert "highest val/worst_group_accuracy" in res["selection"]["reason"]
+    # the selected epoch's checkpoint outlives rotation (keep 1) and the final test ran at its weights
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step_00000016", "step_00000024"]
+    real_vals = [(r["val/accuracy"], r["val/loss_variance"]) for r in records]
+    assert real_vals[1] != real_vals[2]
+    assert (res["val"]["accuracy"], res["val"]["loss_variance"]) == real_vals[1]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["selected_epoch"] == 1 and json.loads((out / "meta.json").read_text())["selection"] == last
+
+
+def test_select_by_auto_and_null_fall_back_to_the_last_epoch():
+    from fastfair.trainer.select import Selection
+
+    assert Selection.resolve("auto", num_groups=4).metric == "worst_group_accuracy"
+    assert Selection.resolve("auto", num_groups=1).metric is None
+    assert Selection.resolve("accuracy_gap", 4).higher is False
+    with pytest.raises(ValueError, match="select_by must be .*'worst_acc'"):
+        Selection.resolve("worst_acc", 4)
+
+
+def test_eager_attention_matches_sdpa():
+    import timm
+
+    from fastfair.models import set_attention_backend
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=16, patch_size=8, depth=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        fused = model(x)
+        set_attention_backend(model, "eager")
+        assert not model.blocks[0].attn.fused_attn
+        torch.testing.assert_close(model(x), fused, rtol=1e-5, atol=1e-5)
