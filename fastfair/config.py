@@ -92,11 +92,13 @@ class TrainConfig:
                     choices=("sdpa", "eager"), section="model")
     finetune: str = opt("lora", "what is trained: LoRA adapters, every parameter, or the head alone",
                         choices=("lora", "full", "linear"), section="fine-tuning")
-    targets: list | str = opt(["qkv", "proj", "fc1", "fc2"], "module-name patterns that get LoRA",
+    targets: list | str | None = opt(None, "module-name patterns that get LoRA; null: the timm "
+                              "family's attention and MLP projections (docs/families.md)",
                               section="fine-tuning", applies=LORA)
     exclude: list | str = opt([], "module-name patterns never given LoRA", section="fine-tuning",
                               applies=LORA)
-    trainable: list = opt(["head"], "module-name patterns trained in full beside the adapters",
+    trainable: list | None = opt(None, "module-name patterns trained in full beside the adapters; "
+                          "null: the classifier timm's metadata names",
                           section="fine-tuning", applies=NOT_FULL)
     rank: int = opt(8, "LoRA rank", range=POSITIVE_INT, section="fine-tuning", applies=LORA)
     adapter_name: str = opt("default", "name of the adapter in the saved PEFT files",

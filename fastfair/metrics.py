@@ -147,8 +147,6 @@ def scalar_metrics(m: dict, keys=None) -> dict:
     return out
 
 
-# Deprecated alias of higher_is_better() for callers not yet moved to the table.
-HIGHER_IS_BETTER = {k: m.higher_is_better for k, m in METRICS.items()}
 
 # Probabilities are clipped here before the log, like scikit-learn's log_loss on float32 input.
 _PROB_EPS = float(np.finfo(np.float32).eps)

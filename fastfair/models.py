@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .inject import InjectionSummary, count_params, inject_lora, name_matches
+from .inject import InjectionSummary, count_params, inject_lora, name_matches, resolve_classifier
 from .quant import quantize_backbone
 
 
@@ -81,8 +81,9 @@ def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:
         summary = InjectionSummary()
     elif cfg.finetune == "linear":
         model.requires_grad_(False)
+        trainable = resolve_classifier(model, cfg.trainable, "trainable")
         for name, module in model.named_modules():
-            if name and name_matches(name, cfg.trainable):
+            if name and name_matches(name, trainable):
                 module.requires_grad_(True)
         summary = InjectionSummary()
     else:

@@ -49,11 +49,11 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
 
 def side_by_side(runs: dict[str, dict], split: str = "test") -> str:
     """A markdown table: one column per run, one row per summary metric."""
-    from .trainer import SUMMARY_KEYS
+    from .metrics import summary_keys
 
     names = list(runs)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in SUMMARY_KEYS:
+    for key in summary_keys():
         cells = ["n/a" if runs[n][split].get(key) is None else f"{runs[n][split][key]:.4f}" for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from .checkpoint import latest_checkpoint
 from .data import build_datasets_for, loss_group_table
 from .finish import finish
 from .guard import NonFiniteTraining
-from .loop import SUMMARY_KEYS, Hooks, evaluate, fit, scalars
+from .loop import Hooks, evaluate, fit, scalars
 from .run import Run, prepare
 from ..train_cli import side_by_side  # the table lives with the command line; kept here for callers
 
@@ -47,5 +47,5 @@ def train(cfg, resume: str | None = None, stop_after_steps: int | None = None,
         run.accelerator.end_training()
 
 
-__all__ = ["Hooks", "NonFiniteTraining", "Run", "SUMMARY_KEYS", "build_datasets_for", "evaluate", "finish",
+__all__ = ["Hooks", "NonFiniteTraining", "Run", "build_datasets_for", "evaluate", "finish",
            "fit", "latest_checkpoint", "loss_group_table", "prepare", "scalars", "side_by_side", "train"]

@@ -13,14 +13,11 @@ from typing import Callable
 
 import torch
 
-from ..metrics import GroupMetrics
+from ..metrics import GroupMetrics, scalar_metrics, summary_keys
 from ..models import trainable_parameters
 from . import checkpoint
 from .run import Run
 
-# What the per-epoch log and the side-by-side summary show of the metrics.
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "worst_group_accuracy", "accuracy_gap",
-                "equalized_odds_difference", "demographic_parity_difference", "auc", "loss_variance")
 
 
 @dataclass
@@ -46,7 +43,8 @@ def evaluate(model, loader, accelerator, num_groups: int, num_classes: int) -> G
 
 
 def scalars(m: dict) -> dict:
-    return {k: m[k] for k in SUMMARY_KEYS if k in m}
+    """What the per-epoch log shows of the metrics: the table's summary keys."""
+    return scalar_metrics(m, summary_keys())
 
 
 class Progress:

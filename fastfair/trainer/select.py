@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..metrics import HIGHER_IS_BETTER
+from ..metrics import METRICS, higher_is_better
 
 
 def check_name(select_by: str | None) -> None:
-    if select_by not in (None, "auto") and select_by not in HIGHER_IS_BETTER:
-        raise ValueError(f"select_by must be 'auto', null or one of {sorted(HIGHER_IS_BETTER)}, "
+    if select_by not in (None, "auto") and select_by not in METRICS:
+        raise ValueError(f"select_by must be 'auto', null or one of {sorted(METRICS)}, "
                          f"got {select_by!r}")
 
 
@@ -26,7 +26,7 @@ class Selection:
         if select_by is None:
             return cls(None)
         check_name(select_by)
-        return cls(select_by, HIGHER_IS_BETTER[select_by])
+        return cls(select_by, higher_is_better(select_by))
 
     def update(self, state, val: dict) -> bool:
         """Record this epoch (``state.epoch`` just validated) if it is the best so far."""

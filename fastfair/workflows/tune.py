@@ -85,7 +85,7 @@ def trial_config(base: TrainConfig, params: dict, depth: int, output_dir) -> Tra
 
     Without any LoRA block the run is ``finetune='linear'``, which trains exactly ``trainable``.
     """
-    targets, rank_pattern, trainable = [], {}, list(base.trainable)
+    targets, rank_pattern, trainable = [], {}, list(base.trainable or ("head",))
     if not trainable:
         raise ValueError("the base config's trainable list is empty: the head must be trained")
     for i in range(depth):
