@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES
+from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES, launch_kind, spilling
 
 @triton.jit
 def _keep(seed, rows, cols, K, adapter, p):
@@ -267,9 +267,28 @@ def _gemm_configs() -> list[triton.Config]:
 # the best tile too: without them the forward and dX would share one tuning.
 _TUNE_KEY = ["M_KEY", "N", "K", "R", "HAS_BASE", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN",
              "ACCUMULATE", "stride_qk", "stride_qn", "stride_pk"]
-_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+def _tile(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def choosable_tiles(kind: str) -> list[tuple]:
+    """The tiles the autotuner may pick for a launch kind: those not known to spill
+    (``lora_tiles.spilling``)."""
+    bad = spilling(kind)
+    return [t for t in GEMM_TILES if t not in bad]
+
+
+def prune_spilling(configs, named_args, **flags):
+    """Autotune only over the tiles that do not spill for this launch's kind."""
+    ok = choosable_tiles(launch_kind(flags))
+    return [c for c in configs if _tile(c) in ok]
+
+
+_PRUNE = {"early_config_prune": prune_spilling}
+_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE,
                                    restore_value=["c_ptr"])(_lora_gemm_kernel)
-_lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+_lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE,
                                       restore_value=["c_ptr"], reset_to_zero=["db_ptr"])(_lora_gemm_kernel)
 
 
