@@ -94,6 +94,8 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # One long body on purpose: every branch is a constexpr, compiled away per launch, and the
+    # forward, dX and the LoRA-only accumulate must share the tile loop to fuse at all.
     # DOWN: L = (P·op(V))·diag(l_coef) is accumulated in the base loop from the P tiles already in
     # registers instead of being read from memory (R <= BLOCK_R); programs of column block 0 store
     # it to l_ptr when STORE_L. DB: those programs also add op(P)ᵀ·S into the fp32 [K, R] db_ptr
@@ -374,6 +376,7 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     loop rather than read: ``L`` (if given) is then an output, written when ``store_l``. With ``dB``
     (fp32 [K, R], zeroed by the caller), ``dB += Pᵀ S`` is accumulated in the same loop.
     """
+    # Long because it is argument plumbing for one kernel with many optional operands.
     M, K = P.shape
     N = C.shape[1]
     down = V is not None
