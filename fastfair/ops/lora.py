@@ -310,7 +310,8 @@ def _time_on_cuda(p: Problem, design: str, int8_mode: str | None, reps: int = 5)
     return start.elapsed_time(end) / reps / 1e3
 
 
-_CHOOSER = DesignChooser(timer=_time_on_cuda)
+# Without a GPU there is nothing to time: design_for(device="cuda") then answers from the prior.
+_CHOOSER = DesignChooser(timer=_time_on_cuda if torch.cuda.is_available() else None)
 
 
 def design_for(M: int, K: int, N: int, rank: int, *, dtype: torch.dtype = torch.bfloat16,
