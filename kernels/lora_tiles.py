@@ -25,6 +25,7 @@ HBM_BYTES = 3.35e12
 TRITON_EFF = 0.75  # fused Triton GEMM speed ÷ cuBLAS (review's estimate 0.65-0.8, non-persistent)
 TILE_N = 128  # output columns per block: the in-loop down-projection is recomputed once per block
 INLOOP_EXTRA = 0.25  # the in-loop N = R wgmma per k-step costs 15-30% (review), not R / TILE_N
+INT8_INLOOP_SLOWDOWN = 2.5  # int8 tiles converted in registers leave wgmma's async path (247 vs 611 TFLOP/s reported)
 
 # Launch kinds of the fused GEMM whose register use depends on the flags (the masked loop's Philox
 # draws, the in-loop accumulator, the atomic dB): the kind names a launch by the flags that matter.
