@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES
+from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES, launch_kind, spilling
 
 @triton.jit
 def _keep(seed, rows, cols, K, adapter, p):
@@ -94,6 +94,8 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # One long body on purpose: every branch is a constexpr, compiled away per launch, and the
+    # forward, dX and the LoRA-only accumulate must share the tile loop to fuse at all.
     # DOWN: L = (P·op(V))·diag(l_coef) is accumulated in the base loop from the P tiles already in
     # registers instead of being read from memory (R <= BLOCK_R); programs of column block 0 store
     # it to l_ptr when STORE_L. DB: those programs also add op(P)ᵀ·S into the fp32 [K, R] db_ptr
@@ -267,9 +269,28 @@ def _gemm_configs() -> list[triton.Config]:
 # the best tile too: without them the forward and dX would share one tuning.
 _TUNE_KEY = ["M_KEY", "N", "K", "R", "HAS_BASE", "HAS_LORA", "MASKED", "COL_SCALE", "ROW_SCALE", "DOWN",
              "ACCUMULATE", "stride_qk", "stride_qn", "stride_pk"]
-_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+def _tile(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def choosable_tiles(kind: str) -> list[tuple]:
+    """The tiles the autotuner may pick for a launch kind: those not known to spill
+    (``lora_tiles.spilling``)."""
+    bad = spilling(kind)
+    return [t for t in GEMM_TILES if t not in bad]
+
+
+def prune_spilling(configs, named_args, **flags):
+    """Autotune only over the tiles that do not spill for this launch's kind."""
+    ok = choosable_tiles(launch_kind(flags))
+    return [c for c in configs if _tile(c) in ok]
+
+
+_PRUNE = {"early_config_prune": prune_spilling}
+_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE,
                                    restore_value=["c_ptr"])(_lora_gemm_kernel)
-_lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY,
+_lora_gemm_tuned_db = triton.autotune(configs=_gemm_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE,
                                       restore_value=["c_ptr"], reset_to_zero=["db_ptr"])(_lora_gemm_kernel)
 
 
@@ -355,6 +376,7 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     loop rather than read: ``L`` (if given) is then an output, written when ``store_l``. With ``dB``
     (fp32 [K, R], zeroed by the caller), ``dB += Pᵀ S`` is accumulated in the same loop.
     """
+    # Long because it is argument plumbing for one kernel with many optional operands.
     M, K = P.shape
     N = C.shape[1]
     down = V is not None

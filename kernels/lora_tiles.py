@@ -10,6 +10,9 @@ in one place.
 GEMM_TILES = (
     (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+    # Small 8-warp tiles: the only ones whose masked (dropout) launches do not spill, because
+    # each thread draws Philox for 16 elements instead of 32 or more.
+    (64, 64, 32, 8, 3), (64, 64, 64, 8, 3),
 )
 # The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
 DOWN_MAX_RANK = 64
@@ -22,3 +25,36 @@ HBM_BYTES = 3.35e12
 TRITON_EFF = 0.75  # fused Triton GEMM speed ÷ cuBLAS (review's estimate 0.65-0.8, non-persistent)
 TILE_N = 128  # output columns per block: the in-loop down-projection is recomputed once per block
 INLOOP_EXTRA = 0.25  # the in-loop N = R wgmma per k-step costs 15-30% (review), not R / TILE_N
+INT8_INLOOP_SLOWDOWN = 2.5  # int8 tiles converted in registers leave wgmma's async path (247 vs 611 TFLOP/s reported)
+
+# Launch kinds of the fused GEMM whose register use depends on the flags (the masked loop's Philox
+# draws, the in-loop accumulator, the atomic dB): the kind names a launch by the flags that matter.
+KIND_FLAGS = ("MASKED", "DOWN", "DB", "COL_SCALE", "ROW_SCALE")
+
+
+def launch_kind(flags: dict) -> str:
+    """E.g. ``"MASKED+DOWN+DB+R16"``; ``"nobase+..."`` for the LoRA-only accumulate launch. The
+    in-loop accumulator's width (BLOCK_R) is part of it: R = 64 spills where R = 16 does not."""
+    parts = [] if flags.get("HAS_BASE", True) else ["nobase"]
+    parts += [f for f in KIND_FLAGS if flags.get(f)]
+    if flags.get("DOWN"):
+        parts.append(f"R{flags.get('BLOCK_R', 16)}")
+    return "+".join(parts) or "plain"
+
+
+# Register spills on sm_90, measured by the full sweep of tests/hopper_compile.py (Triton 3.8,
+# bf16, ViT-B strides): the autotuner never tries a tile listed as spilling for a launch's kind.
+# * Masked launches (dropout; Philox drawn per element in the epilogue) spill 24 B - 8 KB per
+#   thread at every 4-warp tile and every tile of 128 rows or columns; only 64×64 with 8 warps fits.
+MASKED_TILES = ((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))
+# * The in-loop down-projection at BLOCK_R = 64 (forward, and dX with the atomic dB) spills at these.
+DOWN_WIDE_SPILLS = frozenset({(256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4)})
+
+
+def spilling(kind: str) -> frozenset:
+    """The tiles measured (or, for unswept flag combinations, ruled) to spill for ``kind``."""
+    if "MASKED" in kind:
+        return frozenset(GEMM_TILES) - frozenset(MASKED_TILES)
+    if "DOWN" in kind and "R16" not in kind:  # BLOCK_R 32 is unswept: ruled like 64
+        return DOWN_WIDE_SPILLS
+    return frozenset()

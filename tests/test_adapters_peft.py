@@ -46,13 +46,16 @@ def test_same_output_and_grads_as_peft_layer(k, n, r, alpha, rslora):
     x1 = torch.randn(2, 3, k, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
     y1, y2 = ours(x1), pm(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    # fp32 rounding only: the CPU path merges W + s·B·A (fastfair.ops.lora, design "merged"), which
+    # sums in another order than peft's x·Aᵀ·Bᵀ·s; float64 agreement is tested in test_dispatch.
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y1, y2, **tol)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.lora_A["default"].grad, plin.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.lora_B["default"].grad, plin.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    torch.testing.assert_close(ours.lora_A["default"].grad, plin.lora_A["default"].weight.grad, **tol)
+    torch.testing.assert_close(ours.lora_B["default"].grad, plin.lora_B["default"].weight.grad, **tol)
 
 
 def test_fastfair_to_peft(tmp_path):

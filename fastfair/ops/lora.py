@@ -111,9 +111,10 @@ def _stacked(lora_A, lora_B, coefs, dt, K, N, device):
             torch.cat([B.to(dt) * c for B, c in zip(lora_B, coefs)], 1))
 
 
-def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, merged):
-    """``(y, xa_s, masks)``: ``xa_s[:, a] = c_a (keep_a ⊙ x) A_aᵀ`` (saved for dB), ``masks``
-    packed (``[0, M, ·]`` without dropout). ``dropout`` is already 0 for eval calls."""
+def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, merged, need_xa=True):
+    """``(y, xa_s, masks)``: ``xa_s[:, a] = c_a (keep_a ⊙ x) A_aᵀ`` (saved for dB; [M, 0] when
+    ``need_xa`` is off and merged, sparing a pass over x), ``masks`` packed (``[0, M, ·]``
+    without dropout). ``dropout`` is already 0 for eval calls."""
     K, dt = x.shape[-1], x.dtype
     x2 = x.reshape(-1, K)
     M, base = x2.shape[0], _base(weight, weight_scale)
@@ -126,7 +127,7 @@ def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout
              else torch.empty((0, M, (K + 7) // 8), dtype=torch.uint8, device=x.device))
     if merged:
         y = F.linear(x2, merged_weight(base, A_cat, B_s, dt), b)
-        xa = (x2 @ A_cat.t()) * _rank_cols(coefs, lora_A, dt, x.device)
+        xa = (x2 @ A_cat.t()) * _rank_cols(coefs, lora_A, dt, x.device) if need_xa else x2.new_empty((M, 0))
     else:
         y = F.linear(x2, dense_weight(base, dt), b)
         cols, start = [], 0
@@ -194,17 +195,18 @@ def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scale
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], lora_A: List[torch.Tensor], lora_B: List[torch.Tensor],
                    scales: List[float], dropout: List[float], seed: Optional[torch.Tensor], design: str,
-                   int8_mode: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, xa_s, packed masks)``; ``dropout`` holds 0 for eval calls, ``seed`` int64 [1] or None."""
+                   int8_mode: str, need_xa: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, xa_s, packed masks)``; ``dropout`` holds 0 for eval calls, ``seed`` int64 [1] or None;
+    ``need_xa``: some lora_B will want its gradient (else merged skips ``xa_s``)."""
     return torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed,
-                         merged=design == "merged")
+                         merged=design == "merged", need_xa=need_xa)
 
 
 @lora_linear_op.register_fake
-def _(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode):
+def _(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode, need_xa):
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K
-    R = sum(A.shape[0] for A in lora_A)
+    R = sum(A.shape[0] for A in lora_A) if need_xa or design != "merged" else 0
     nd = len(lora_A) if seed is not None and any(p > 0 for p in dropout) else 0
     if design in TRITON_DESIGNS and x.device.type == "cuda":
         nd = 0  # the Triton kernels redraw their masks from the seed instead
@@ -234,7 +236,7 @@ def _(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, seed, scales, drop
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, mode = inputs
+    x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, mode, _ = inputs
     _, xa, masks = output
     n = len(lora_A)
     ctx.save_for_backward(x, weight, weight_scale, xa, masks, seed, *lora_A, *lora_B)
@@ -252,17 +254,17 @@ def _backward(ctx, dy, _dxa, _dmasks):
     pick = lambda t, k: t if need[k] else None  # noqa: E731
     return (pick(dx, 0), None, None, dbias.to(bias_dtype) if need[1] else None,
             [pick(t, 2 + a) for a, t in enumerate(dA)], [pick(t, 2 + n + a) for a, t in enumerate(dB)],
-            *([] if n == 0 else None,) * 2, None, None, None)  # float lists: a leaf, an empty one a list
+            *([] if n == 0 else None,) * 2, None, None, None, None)  # float lists: a leaf, an empty one a list
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @lora_linear_op.register_kernel("cuda")
-def _(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode):
+def _(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode, need_xa):
     if design not in TRITON_DESIGNS:
         return torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed,
-                             merged=design == "merged")
+                             merged=design == "merged", need_xa=need_xa)
     from . import lora_triton
 
     return lora_triton.op_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed,
@@ -308,7 +310,8 @@ def _time_on_cuda(p: Problem, design: str, int8_mode: str | None, reps: int = 5)
     return start.elapsed_time(end) / reps / 1e3
 
 
-_CHOOSER = DesignChooser(timer=_time_on_cuda)
+# Without a GPU there is nothing to time: design_for(device="cuda") then answers from the prior.
+_CHOOSER = DesignChooser(timer=_time_on_cuda if torch.cuda.is_available() else None)
 
 
 def design_for(M: int, K: int, N: int, rank: int, *, dtype: torch.dtype = torch.bfloat16,
@@ -337,10 +340,11 @@ def _run_op(x, weight, bias, lora_A, lora_B, scales, dropout, training, design, 
     ps = [float(p) if training else 0.0 for p in dropout]
     seed = draw_seed(x.device) if any(ps) else None
     w, ws = (weight.CB, weight.SCB) if isinstance(weight, Int8Weight) else (weight, None)
+    need_xa = torch.is_grad_enabled() and any(B.requires_grad for B in lora_B)
     with _nvtx(f"fastfair.lora_linear.{design}"):
         return torch.ops.fastfair.lora_linear(x, w, ws, bias, list(lora_A), list(lora_B),
                                               [float(s) for s in scales], ps, seed, design,
-                                              int8_mode or "dequant")[0]
+                                              int8_mode or "dequant", need_xa)[0]
 
 
 def draw_seed(device) -> torch.Tensor:
@@ -363,7 +367,7 @@ def _run_triton(x, weight, bias, lora_A, lora_B, scales, dropout, training, desi
                               design=design, int8=int8_mode or "dequant")
 
 
-def _run_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training, design, int8_mode):
+def _run_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training):
     with _nvtx("fastfair.lora_linear.reference"):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training)
 
@@ -396,7 +400,7 @@ def lora_linear(
     use = resolve_backend(backend, x.device)
     if isinstance(weight, torch.Tensor) and weight.requires_grad or x.numel() == 0 or weight.shape[0] == 0:
         # a base weight to train (only autograd through the reference does), or nothing to compute
-        return _run_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training, None, None)
+        return _run_reference(x, weight, bias, lora_A, lora_B, scales, dropout, training)
     choice = _choose(*_problem(x, weight, lora_A, dropout, training), "auto" if backend == "auto" else use)
     design, mode = choice.design, choice.int8
     dev = x.device.type

@@ -184,6 +184,8 @@ def predicted_seconds(design: str, int8_mode: str | None, p: Problem) -> float:
     }[design]
     if p.int8 and int8_mode == "dequant":
         cost += 2 * (1 + e) * N * K / tiles.HBM_BYTES  # read int8, write 16-bit, forward and dX
+    elif p.int8 and int8_mode == "inloop":
+        cost += 2 * t0 * eff * (tiles.INT8_INLOOP_SLOWDOWN - 1)  # both base GEMMs convert in registers
     return cost
 
 

@@ -207,6 +207,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        # One function: dX, g, dA and dB share buffers and the in-loop choice, in launch order.
         x2, w, scb, A_cat, B_cat, xa = ctx.saved_tensors
         plan, n = ctx.plan, ctx.plan.n
         dt, dev = x2.dtype, x2.device

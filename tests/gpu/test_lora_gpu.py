@@ -101,3 +101,44 @@ def test_training_step_has_no_host_sync(monkeypatch):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _set_tf32(on: bool):
+    """Set fp32 matmul precision through the current API (falls back to allow_tf32)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if on else "ieee"
+        return lambda: setattr(m, "fp32_precision", old)
+    old = m.allow_tf32
+    m.allow_tf32 = on
+    return lambda: setattr(m, "allow_tf32", old)
+
+
+@pytest.mark.parametrize("tf32, tol", [(False, 1e-5), (True, 5e-3)])
+@pytest.mark.parametrize("design, p", [("fused", 0.1), ("fused_inloop", 0.0), ("cublas", 0.1), ("merged", 0.0)])
+def test_fp32_follows_the_matmul_precision_setting(tf32, tol, design, p, monkeypatch):
+    # ieee: the fused kernels must not silently use TF32 (error ~1e-3 relative); tf32: within its error.
+    restore = _set_tf32(tf32)
+    try:
+        M, K, N = 4 * 197, 768, 768
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        x = torch.randn(M, K, device="cuda", generator=gen, requires_grad=True)
+        w = torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)
+        A = (torch.randn(16, K, device="cuda", generator=gen) / math.sqrt(K)).requires_grad_()
+        B = torch.randn(N, 16, device="cuda", generator=gen).requires_grad_()
+        with force_design(design):
+            y = lora_linear(x, w, None, [A], [B], [2.0], [p], True)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        masks = [dropout_mask(SEED, M, K, p, 0, "cuda")] if p > 0 and design != "merged" else None
+        d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+        x64, A64, B64 = d(x), d(A), d(B)
+        y64 = lora_linear_reference(x64, w.double(), None, [A64], [B64], [2.0], [p], True, masks=masks)
+        y64.backward(dy.double())
+        for name, got, want in (("y", y, y64), ("dx", x.grad, x64.grad), ("dA", A.grad, A64.grad),
+                                ("dB", B.grad, B64.grad)):
+            err = (got.double() - want).abs().max().item() / want.abs().max().item()
+            assert err <= tol, f"{name}: relative error {err} with tf32={tf32}"
+    finally:
+        restore()
