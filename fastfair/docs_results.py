@@ -257,6 +257,7 @@ def run(name: str, work: Path, seeds: list[int] | None = None, out: Path | None 
     seeds = seeds or exp.seeds
     work.mkdir(parents=True, exist_ok=True)
     commands = [c.format(work=work, seeds=",".join(map(str, seeds))) for c in exp.commands]
+    prov = provenance()  # the code that runs: a commit made meanwhile must not be recorded
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     for c in commands:
         print(f"docs_results: fastfair {c}", flush=True)
@@ -266,7 +267,7 @@ def run(name: str, work: Path, seeds: list[int] | None = None, out: Path | None 
     record = {"experiment": name, "commands": ["fastfair " + c.replace(str(work), "WORK") for c in commands],
               "seeds": seeds, "wall_time_s": round(time.time() - t0, 1),
               "cpu_time_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
-              **provenance(), "extra": extra, "rows": rows}
+              **prov, "extra": extra, "rows": rows}
     path = (out or RESULTS_DIR) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
