@@ -17,7 +17,8 @@ Conventions (see docs/metrics.md):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,20 +27,128 @@ from scipy.stats import rankdata
 
 INPUTS = ("logits", "probs")
 
-# The values bootstrap() puts intervals on: the ones small groups make noisy.
-CI_KEYS = (
-    "worst_group_accuracy", "accuracy_gap", "worst_group_auc", "auc_gap",
-    "equalized_odds_difference", "equal_opportunity_difference",
-    "demographic_parity_difference", "ece_gap", "loss_variance",
-)
+def _max_group_loss(m: dict) -> float | None:
+    """The largest mean cross-entropy of any group with samples (GroupDRO's objective)."""
+    return max((v for v in m.get("group_loss") or [] if v is not None), default=None)
 
-# Direction of each scalar, for Pareto fronts and worst-case readings.
-HIGHER_IS_BETTER = {
-    "accuracy": True, "balanced_accuracy": True, "worst_group_accuracy": True, "auc": True,
-    "worst_group_auc": True, "accuracy_gap": False, "auc_gap": False, "ece_gap": False,
-    "equalized_odds_difference": False, "equal_opportunity_difference": False,
-    "demographic_parity_difference": False, "loss_variance": False,
+
+@dataclass(frozen=True)
+class Metric:
+    """One scalar metric: its direction and where it is shown.
+
+    ``summary``: the trainer's per-epoch log and side-by-side table; ``ci``: :func:`bootstrap`
+    puts an interval on it (the values small groups make noisy); ``objective``: offered as a
+    tune objective; ``tables``: the workflow result tables that show it. ``derive`` reads it
+    from a :func:`compute_metrics` dict when it is not one of its keys; ``measured_by`` names
+    the workflow that measures it when :func:`compute_metrics` cannot.
+    """
+
+    higher_is_better: bool
+    label: str
+    summary: bool = False
+    ci: bool = False
+    objective: bool = False
+    tables: tuple[str, ...] = ()
+    derive: Callable[[dict], float | None] | None = None
+    measured_by: str | None = None
+
+
+# The one table of scalar metrics. Its order is the order of every table and log that shows
+# them (the summary keys first, in the order the trainer's side-by-side table has always had).
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric(True, "accuracy", summary=True, objective=True,
+                       tables=("debias", "bias-transfer")),
+    "balanced_accuracy": Metric(True, "balanced accuracy", summary=True),
+    "worst_group_accuracy": Metric(True, "worst-group accuracy", summary=True, ci=True,
+                                   objective=True, tables=("debias", "bias-transfer")),
+    "accuracy_gap": Metric(False, "accuracy gap (max − min over groups)", summary=True, ci=True,
+                           objective=True, tables=("debias",)),
+    "equalized_odds_difference": Metric(False, "equalized odds difference", summary=True,
+                                        ci=True, tables=("debias",)),
+    "demographic_parity_difference": Metric(False, "demographic parity difference",
+                                            summary=True, ci=True),
+    "auc": Metric(True, "AUC", summary=True, objective=True),
+    "loss_variance": Metric(False, "variance of the group losses", summary=True, ci=True),
+    "worst_group_auc": Metric(True, "worst-group AUC", ci=True, objective=True),
+    "auc_gap": Metric(False, "AUC gap (max − min over groups)", ci=True, objective=True),
+    "equal_opportunity_difference": Metric(False, "equal opportunity difference", ci=True),
+    "ece_gap": Metric(False, "calibration (ECE) gap", ci=True),
+    "max_group_loss": Metric(False, "largest group loss", objective=True,
+                             derive=_max_group_loss),
+    "counterfactual_flip": Metric(False, "counterfactual flip rate", tables=("debias",),
+                                  measured_by="debias"),
+    "asr": Metric(False, "attack success rate", tables=("bias-transfer",),
+                  measured_by="bias-transfer"),
+    "flip_rate": Metric(False, "flip rate to the trigger's class", tables=("bias-transfer",),
+                        measured_by="bias-transfer"),
 }
+
+
+def metric(name: str) -> Metric:
+    """The :data:`METRICS` entry of ``name``; ``ValueError`` naming the valid names."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def higher_is_better(name: str) -> bool:
+    """Direction of a metric, for Pareto fronts, objectives and "best" readings."""
+    return metric(name).higher_is_better
+
+
+def axis_label(name: str) -> str:
+    """``"worst-group accuracy (higher is better)"``: a plot axis or title for the metric."""
+    m = metric(name)
+    return f"{m.label} ({'higher' if m.higher_is_better else 'lower'} is better)"
+
+
+def summary_keys() -> tuple[str, ...]:
+    """What the trainer's per-epoch log and side-by-side summary show."""
+    return tuple(k for k, m in METRICS.items() if m.summary)
+
+
+def ci_keys() -> tuple[str, ...]:
+    """What :func:`bootstrap` puts intervals on."""
+    return tuple(k for k, m in METRICS.items() if m.ci)
+
+
+def objective_keys() -> tuple[str, ...]:
+    """The suggested tune objectives (any metric of :func:`scalar_keys` is accepted)."""
+    return tuple(k for k, m in METRICS.items() if m.objective)
+
+
+def table_keys(table: str) -> tuple[str, ...]:
+    """The columns of a workflow's result table (``"debias"``, ``"bias-transfer"``)."""
+    keys = tuple(k for k, m in METRICS.items() if table in m.tables)
+    if not keys:
+        known = sorted({t for m in METRICS.values() for t in m.tables})
+        raise ValueError(f"no metric table {table!r}; valid tables: {', '.join(known)}")
+    return keys
+
+
+def scalar_keys() -> tuple[str, ...]:
+    """Every metric read from a :func:`compute_metrics` dict (its scalars and the derived ones)."""
+    return tuple(k for k, m in METRICS.items() if m.measured_by is None)
+
+
+def scalar_metrics(m: dict, keys=None) -> dict:
+    """``{name: value}`` of a metrics dict, in table order; derived metrics are computed.
+
+    ``keys`` (default :func:`scalar_keys`) must be table names; a key a workflow measures is
+    taken from ``m`` when present, and a key ``m`` lacks is left out.
+    """
+    out = {}
+    for k in scalar_keys() if keys is None else keys:
+        entry = metric(k)
+        if entry.derive is not None:
+            out[k] = entry.derive(m)
+        elif k in m:
+            out[k] = m[k]
+    return out
+
+
+# Deprecated alias of higher_is_better() for callers not yet moved to the table.
+HIGHER_IS_BETTER = {k: m.higher_is_better for k, m in METRICS.items()}
 
 # Probabilities are clipped here before the log, like scikit-learn's log_loss on float32 input.
 _PROB_EPS = float(np.finfo(np.float32).eps)
@@ -375,7 +484,7 @@ def bootstrap(
     """Seeded percentile bootstrap intervals for the gaps and worst-group values.
 
     Resamples rows with replacement within each group (group sizes fixed, as they are a design
-    choice of the split, not noise), recomputes every value in :data:`CI_KEYS` and each group's
+    choice of the split, not noise), recomputes every value of :func:`ci_keys` and each group's
     accuracy, and returns ``{"level", "n_boot", "seed", "method", "intervals"}`` where
     ``intervals[key]`` is ``[low, high]`` (``None`` if undefined in every resample) and
     ``intervals["group_accuracy"]`` one such pair per group.
@@ -389,12 +498,13 @@ def bootstrap(
     members = [np.flatnonzero(g == k) for k in range(G)]
     members = [m for m in members if m.size]
     rng = np.random.default_rng(seed)
-    values = np.full((n_boot, len(CI_KEYS)), np.nan)
+    keys = ci_keys()
+    values = np.full((n_boot, len(keys)), np.nan)
     group_acc = np.full((n_boot, G), np.nan)
     for b in range(n_boot):
         idx = np.concatenate([m[rng.integers(0, m.size, m.size)] for m in members])
         s = _summary(_raw(p[idx], y[idx], g[idx], loss[idx], G, C, n_bins, False), C)
-        values[b] = [s[k] for k in CI_KEYS]
+        values[b] = [s[k] for k in keys]
         group_acc[b] = s["group_accuracy"]
     q = [50 * (1 - level), 50 * (1 + level)]
 
@@ -402,7 +512,7 @@ def bootstrap(
         col = col[~np.isnan(col)]
         return [float(v) for v in np.percentile(col, q)] if col.size else None
 
-    intervals = {k: interval(values[:, j]) for j, k in enumerate(CI_KEYS)}
+    intervals = {k: interval(values[:, j]) for j, k in enumerate(keys)}
     intervals["group_accuracy"] = [interval(group_acc[:, k]) for k in range(G)]
     return {"level": level, "n_boot": int(n_boot), "seed": int(seed),
             "method": "percentile, rows resampled within each group", "intervals": intervals}
@@ -480,11 +590,19 @@ class GroupMetrics:
     def update(self, scores, labels, groups, accelerator=None) -> None:
         """Add a batch: ``scores`` ``[N, C]`` (``[N]`` allowed if binary), ``labels``, ``groups``.
 
-        Errors name the batch (the count of earlier ``update`` calls) and the row.
+        Errors name the batch (the count of earlier ``update`` calls) and the row. An empty
+        batch is a no-op (not counted either); with ``accelerator=`` it still joins the gather
+        that every process enters.
         """
+        scores = torch.as_tensor(scores)
+        if scores.dim() > 0 and scores.shape[0] == 0:
+            if accelerator is None:
+                return
+            # every process must enter the gather: an empty batch shaped to concatenate
+            scores = torch.zeros(0, self.num_classes, device=scores.device)
+            labels = groups = torch.zeros(0, dtype=torch.long, device=scores.device)
         batch = self.num_updates
         self.num_updates += 1
-        scores = torch.as_tensor(scores)
         groups = torch.as_tensor(groups, device=scores.device)
         if groups.dim() != 1 or groups.shape[0] != scores.shape[0]:
             raise ValueError(f"groups must have shape [{scores.shape[0]}] at batch {batch}, "

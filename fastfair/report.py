@@ -22,17 +22,19 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .metrics import HIGHER_IS_BETTER, bootstrap, compute_metrics
-
-SCALAR_KEYS = (
-    "accuracy", "balanced_accuracy", "worst_group_accuracy", "accuracy_gap", "auc",
-    "worst_group_auc", "auc_gap", "equalized_odds_difference", "equal_opportunity_difference",
-    "demographic_parity_difference", "ece_gap", "loss_variance",
+from .metrics import (
+    METRICS, axis_label, bootstrap, compute_metrics, higher_is_better, metric, scalar_keys,
+    scalar_metrics,
 )
+
+# What a metrics dict passed to write_report must hold: compute_metrics' own scalars.
+_REQUIRED = tuple(k for k in scalar_keys() if METRICS[k].derive is None)
 
 
 def load_run(run_dir, split: str = "test") -> dict:
@@ -95,33 +97,98 @@ def _worst(values) -> int | None:
 
 
 def _markdown(rep: dict) -> str:
+    """The scalar table, the group table and the notes; undefined values are left out of the
+    tables (with one note naming them) rather than shown as rows of dashes."""
     ci = (rep.get("ci") or {}).get("intervals", {})
     level = (rep.get("ci") or {}).get("level")
     ci_head = f"{round(100 * level)}% CI" if level else "CI"
     n = sum(rep["group_count"])
     lines = [f"# Fairness report: {rep['run']} ({rep['split']}, {n} samples)", "",
              f"| metric | value | {ci_head} |", "|---|---|---|"]
-    for key in SCALAR_KEYS:
-        arrow = "↑" if HIGHER_IS_BETTER[key] else "↓"
-        lines.append(f"| {key} {arrow} | {_fmt(rep[key])} | {_fmt_ci(ci.get(key))} |")
-    worst = _worst(rep["group_accuracy"])
-    group_ci = ci.get("group_accuracy") or [None] * len(rep["group_count"])
-    lines += ["", f"| group | n | accuracy | {ci_head} | AUC | ECE | mean loss |",
-              "|---|---|---|---|---|---|---|"]
-    for i, name in enumerate(rep["group_names"]):
-        mark = " (worst)" if i == worst else ""
-        if rep["group_count"][i] == 0:
-            mark = " (missing)"
-        lines.append(
-            f"| {name}{mark} | {rep['group_count'][i]} | {_fmt(rep['group_accuracy'][i])} | "
-            f"{_fmt_ci(group_ci[i])} | {_fmt(rep['group_auc'][i])} | "
-            f"{_fmt(rep['group_ece'][i])} | {_fmt(rep['group_loss'][i])} |")
-    if rep["notes"]:
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in rep["notes"]]
+    undefined = []
+    for key, value in scalar_metrics(rep).items():
+        if value is None:
+            undefined.append(key)
+            continue
+        arrow = "↑" if higher_is_better(key) else "↓"
+        lines.append(f"| {key} {arrow} | {_fmt(value)} | {_fmt_ci(ci.get(key))} |")
+    lines += [""] + _group_table(rep, ci.get("group_accuracy"), ci_head, undefined)
+    notes = list(rep["notes"])
+    if undefined:
+        notes.insert(0, f"left out of the tables, undefined on this split: {', '.join(undefined)}")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     if rep.get("ci"):
         lines += ["", f"Intervals: {rep['ci']['method']}, {rep['ci']['n_boot']} resamples, "
                       f"seed {rep['ci']['seed']}."]
     return "\n".join(lines) + "\n"
+
+
+# Per-group columns after the group's size, accuracy and interval: (header, report key).
+_GROUP_COLUMNS = (("AUC", "group_auc"), ("ECE", "group_ece"), ("mean loss", "group_loss"))
+
+
+def _group_table(rep: dict, group_ci, ci_head: str, undefined: list) -> list[str]:
+    """One row per group; a column undefined in every group is dropped (and named in
+    ``undefined``)."""
+    G = len(rep["group_count"])
+    group_ci = group_ci or [None] * G
+    cols = []
+    for head, key in _GROUP_COLUMNS:
+        if any(v is not None for v in rep[key]):
+            cols.append((head, key))
+        else:
+            undefined.append(key)
+    worst = _worst(rep["group_accuracy"])
+    lines = [f"| group | n | accuracy | {ci_head} | " + " | ".join(h for h, _ in cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for i, name in enumerate(rep["group_names"]):
+        mark = " (worst)" if i == worst else ""
+        if rep["group_count"][i] == 0:
+            mark = " (missing)"
+        cells = [_fmt(rep[key][i]) for _, key in cols]
+        lines.append(f"| {name}{mark} | {rep['group_count'][i]} | "
+                     f"{_fmt(rep['group_accuracy'][i])} | {_fmt_ci(group_ci[i])} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- plots
+# One grouped-bar plot and one Pareto plot for every command: the run report, compare, sweep,
+# tune, debias and bias-transfer all draw through these two.
+
+MAX_BARS = 24  # more categories than this in one series: the worst and best KEEP_BARS are shown
+KEEP_BARS = 10
+_DPI = 120
+
+
+@dataclass
+class Bars:
+    """One panel of (grouped) bars: a bar per category and series.
+
+    ``values``: series name -> one value per category (``None``: no bar, marked "missing").
+    ``errors``: series name -> per category ``None``, a half-width (``± std``) or an interval
+    ``[low, high]``; ``n_seeds``: series name -> seeds behind each bar, whiskers only where 2 or
+    more (the legend says how many). ``metric`` (a :data:`METRICS` name) labels the y axis with
+    its direction and orders the worst/best selection past :data:`MAX_BARS` categories.
+    ``counts`` (per category) go under the names; ``highlight`` is a category drawn red (one
+    series only); ``reference`` is ``(value, legend text)`` for a dashed line.
+    """
+
+    categories: Sequence[str]
+    values: Mapping[str, Sequence]
+    metric: str | None = None
+    ylabel: str | None = None
+    title: str = ""
+    errors: Mapping[str, Sequence] | None = None
+    n_seeds: Mapping[str, Sequence[int]] | None = None
+    error_label: str | None = None
+    counts: Sequence[int] | None = None
+    highlight: int | None = None
+    highlight_label: str = "worst group"
+    reference: tuple[float, str] | None = None
+    hatches: Mapping[str, str] | None = None
+    ylim: tuple[float, float] | None = (0.0, 1.0)
 
 
 def _figure(width: float, height: float):
@@ -129,48 +196,357 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def plot_group_accuracy(rep: dict, path) -> None:
-    """Bars of per-group accuracy with interval whiskers, the worst group in red."""
-    acc, names = rep["group_accuracy"], rep["group_names"]
-    G = len(acc)
-    ci = ((rep.get("ci") or {}).get("intervals") or {}).get("group_accuracy") or [None] * G
-    worst = _worst(acc)
-    fig = _figure(max(4.0, 0.6 * G + 2), 3.6)
-    ax = fig.add_subplot()
-    x = np.arange(G)
-    heights = [0.0 if v is None else v for v in acc]
-    colors = ["tab:red" if i == worst else "tab:blue" for i in range(G)]
-    ax.bar(x, heights, color=colors)
-    for i in range(G):
-        if acc[i] is None:
-            ax.text(i, 0.5, "missing", ha="center", va="center", rotation=90, fontsize=8,
-                    color="gray")
-        elif ci[i] is not None:
-            lo, hi = ci[i]
-            ax.errorbar(i, acc[i], yerr=[[max(acc[i] - lo, 0)], [max(hi - acc[i], 0)]],
-                        color="black", capsize=3, lw=1)
-    if worst is not None and acc[worst] > 0.08:
-        ax.text(worst, 0.03, "worst", ha="center", va="bottom", color="white", fontsize=8,
-                fontweight="bold")
-    ax.axhline(rep["accuracy"], color="gray", ls="--", lw=1)
-    ax.text(-0.55, rep["accuracy"] + 0.01, f"overall {rep['accuracy']:.3f}", va="bottom",
-            ha="left", fontsize=7, color="dimgray")
+def _interval(value, err):
+    """``(low, high)`` of a whisker: ``err`` is ``None``, a half-width or ``[low, high]``."""
+    if err is None or value is None:
+        return None
+    if isinstance(err, (int, float)):
+        return (value - err, value + err)
+    lo, hi = err
+    return (lo, hi)
+
+
+def _seed_note(counts) -> str:
+    counts = sorted(set(counts))
+    return f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _whisker_label(error_label, drawn_seeds) -> str:
+    """Legend text of the whiskers: what they are, and over how many seeds when seeds."""
+    if not drawn_seeds:
+        return error_label or "interval"
+    return f"{error_label or '± 1 std'} over {_seed_note(drawn_seeds)} seeds"
+
+
+def _check_bars(p: Bars) -> None:
+    n = len(p.categories)
+    if not p.values:
+        raise ValueError("Bars needs at least one series in values")
+    for field in ("values", "errors", "n_seeds"):
+        for name, seq in (getattr(p, field) or {}).items():
+            if name not in p.values:
+                raise ValueError(f"Bars.{field} has series {name!r} that values lacks")
+            if len(seq) != n:
+                raise ValueError(f"Bars.{field}[{name!r}] has {len(seq)} entries for "
+                                 f"{n} categories")
+    if p.counts is not None and len(p.counts) != n:
+        raise ValueError(f"Bars.counts has {len(p.counts)} entries for {n} categories")
+    if p.highlight is not None and (len(p.values) > 1 or not 0 <= p.highlight < n):
+        raise ValueError(f"Bars.highlight {p.highlight!r} needs one series and a category "
+                         f"index in [0, {n})")
+    if p.metric is not None:
+        metric(p.metric)
+
+
+def _slots(p: Bars) -> tuple[list[int | None], str]:
+    """Category index per x slot (``None``: the gap of a shortened panel) and a note."""
+    n = len(p.categories)
+    if n <= MAX_BARS or len(p.values) > 1:
+        return list(range(n)), ""
+    vals = next(iter(p.values.values()))
+    sign = 1 if p.metric is None or higher_is_better(p.metric) else -1
+    ranked = sorted((i for i in range(n) if vals[i] is not None), key=lambda i: sign * vals[i])
+    if len(ranked) <= 2 * KEEP_BARS:
+        return ranked, f"{n} categories: the {len(ranked)} with a value are shown"
+    what = p.metric.replace("_", " ") if p.metric else "value"
+    note = (f"{n} categories: the {KEEP_BARS} worst and {KEEP_BARS} best by {what} "
+            f"(the other {n - 2 * KEEP_BARS} are in the table)")
+    return ranked[:KEEP_BARS] + [None] + ranked[-KEEP_BARS:], note
+
+
+def _tick(p: Bars, i: int | None) -> str:
+    if i is None:
+        return "⋯"
     # attribute lists ("digit<5,color=red") break at their commas so neighbours don't overlap
-    ax.set_xticks(x, [f"{nm.replace(',', chr(10))}\n(n={c})" for nm, c in zip(names, rep["group_count"])],
-                  rotation=30 if G > 6 else 0, fontsize=7, ha="right" if G > 6 else "center")
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("accuracy")
-    level = (rep.get("ci") or {}).get("level")
-    whiskers = f", {round(100 * level)}% bootstrap intervals" if level else ""
-    ax.set_title(f"{rep['run']} ({rep['split']}): accuracy per group{whiskers}", fontsize=9)
-    ax.set_xlim(-0.6, G - 0.4)
-    fig.tight_layout()
+    name = str(p.categories[i]).replace(",", "\n")
+    return name if p.counts is None else f"{name}\n(n={p.counts[i]})"
+
+
+def _panel_width(p: Bars) -> float:
+    return 1.0 + 0.42 * len(_slots(p)[0]) * max(1.0, 0.6 * len(p.values))
+
+
+def _draw_bar(ax, x, v, width, color, hatch, lo, span):
+    ax.bar(x, v - lo, width, bottom=lo, color=color, hatch=hatch,
+           edgecolor="white" if hatch else color, linewidth=0)
+    if abs(v - lo) < 0.015 * span:
+        # a bar of (nearly) zero height is invisible: a thick stub in its colour marks it
+        ax.plot([x - width / 2, x + width / 2], [lo, lo], color=color, lw=4,
+                solid_capstyle="butt", zorder=3, clip_on=False)
+
+
+def _value_text(ax, x, top, v, rotate: bool):
+    ax.annotate(f"{v:.3f}" if abs(v) < 10 else f"{v:.3g}", (x, top), xytext=(0, 2),
+                textcoords="offset points", ha="center", va="bottom", fontsize=6.5,
+                rotation=90 if rotate else 0, color="0.15")
+
+
+def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
+    """Bars, stubs for zero bars, whiskers, a value label above each bar, a legend outside."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    slots, note = _slots(p)
+    series = list(p.values)
+    width = 0.8 / len(series)
+    lo, hi = p.ylim if p.ylim is not None else (0.0, 1.0)
+    span = hi - lo
+    # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
+    rotate = 0.8 * fig_width / max(total_slots, 1) * width < 0.34
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
+    seeds_drawn, top_all, highlighted, whiskers = [], hi, False, False
+    for j, name in enumerate(series):
+        vals = p.values[name]
+        errs = (p.errors or {}).get(name) or [None] * len(vals)
+        seeds = (p.n_seeds or {}).get(name)
+        hatch = (p.hatches or {}).get(name)
+        for slot, i in enumerate(slots):
+            if i is None:
+                continue
+            x = slot + (j - (len(series) - 1) / 2) * width
+            v = vals[i]
+            if v is None:
+                ax.text(x, lo + 0.02 * span, "missing", rotation=90, ha="center", va="bottom",
+                        fontsize=6.5, color="gray")
+                continue
+            color = "tab:red" if i == p.highlight else palette[j % len(palette)]
+            highlighted |= i == p.highlight
+            _draw_bar(ax, x, v, width * 0.9, color, hatch, lo, span)
+            top = v
+            ci = _interval(v, errs[i])
+            if ci is not None and (seeds is None or seeds[i] >= 2):
+                ax.errorbar(x, v, yerr=[[max(v - ci[0], 0)], [max(ci[1] - v, 0)]],
+                            color="black", capsize=2, lw=0.8)
+                top, whiskers = max(v, ci[1]), True
+                if seeds is not None:
+                    seeds_drawn.append(seeds[i])
+            _value_text(ax, x, top, v, rotate)
+            top_all = max(top_all, top)
+    handles = [Patch(facecolor=palette[j % len(palette)], hatch=(p.hatches or {}).get(n),
+                     edgecolor="white", label=n) for j, n in enumerate(series)] \
+        if len(series) > 1 else []
+    if highlighted:
+        handles.append(Patch(color="tab:red", label=p.highlight_label))
+    if p.reference is not None:
+        ax.axhline(p.reference[0], color="gray", ls="--", lw=1)
+        handles.append(Line2D([], [], color="gray", ls="--", lw=1, label=p.reference[1]))
+    if whiskers:
+        handles.append(Line2D([], [], color="black", marker="|", ms=8, ls="none",
+                              label=_whisker_label(p.error_label, seeds_drawn)))
+    elif p.n_seeds and p.errors:
+        handles.append(Patch(alpha=0, label="1 seed: no error bars"))
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+                  frameon=False, borderaxespad=0)
+    # headroom so the value labels sit inside the axes, above the highest whisker
+    ax.set_ylim(lo, top_all + span * (0.2 if rotate else 0.09))
+    ax.set_xlim(-0.6, len(slots) - 0.4)
+    many = len(slots) > 8 or max((len(str(c)) for c in p.categories), default=0) > 14
+    ax.set_xticks(range(len(slots)), [_tick(p, i) for i in slots], fontsize=7,
+                  rotation=35 if many else 0, ha="right" if many else "center",
+                  rotation_mode="anchor" if many else "default")
+    ax.set_ylabel(p.ylabel or (axis_label(p.metric) if p.metric else ""), fontsize=8)
+    ax.set_title(p.title + (f"\n{note}" if note else ""), fontsize=8.5)
+
+
+def bar_plot(path, panels, title: str | None = None):
+    """Grouped bars, one panel per :class:`Bars`, side by side; writes ``path`` (PNG).
+
+    Returns the matplotlib Figure (drawn on the Agg canvas; pyplot is never touched).
+    """
+    panels = [panels] if isinstance(panels, Bars) else list(panels)
+    if not panels:
+        raise ValueError("bar_plot needs at least one Bars panel")
+    for p in panels:
+        _check_bars(p)
+    widths = [_panel_width(p) for p in panels]
+    legend = 1.7 if any(len(p.values) > 1 or p.reference or p.errors or p.highlight is not None
+                        for p in panels) else 0.0
+    fig_width = min(max(5.0, sum(widths) + legend * len(panels)), 16.0)
+    fig = _figure(fig_width, 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+    for ax, p, w in zip(axes, panels, widths):
+        _draw_panel(ax, p, fig_width * w / sum(widths), len(_slots(p)[0]))
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.savefig(path)
+    return fig
+
+
+# ------------------------------------------------------------------ Pareto plot and its labels
+
+_RADII = (4, 10, 18, 28, 40)  # offsets tried for a label, in points, nearest first
+_DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _outside(box, frame) -> float:
+    inside = _overlap(box, frame)
+    return box.width * box.height - inside
+
+
+def _place_labels(fig, ax, xy, texts, first=()) -> list:
+    """Annotate each point with its text where it overlaps no other label, marker or edge.
+
+    Greedy: each label (points in ``first`` go first) takes the nearest offset around its point
+    whose box is free, else the least-covered one; a label pushed away gets a leader line.
+    """
+    from matplotlib.transforms import Bbox
+
+    fig.draw_without_rendering()  # run the layout so the axes have their final place ...
+    fig.set_layout_engine("none")  # ... and freeze it: moving axes would move the labels
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    r = 5 * fig.dpi / 72  # a marker's half-size in pixels
+    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+             for px, py in ax.transData.transform(np.asarray(xy, dtype=float))]
+    placed = []
+    for i in sorted(range(len(xy)), key=lambda i: (i not in first, i)):
+        ann = ax.annotate(texts[i], xy[i], xytext=(0, 0), textcoords="offset points", fontsize=7)
+        best = None
+        for radius in _RADII:
+            for dx, dy in _DIRECTIONS:
+                ann.set_position((dx * radius, dy * radius))
+                ann.set_ha({1: "left", -1: "right", 0: "center"}[dx])
+                ann.set_va({1: "bottom", -1: "top", 0: "center"}[dy])
+                box = ann.get_window_extent(renderer)
+                cost = 10 * _outside(box, frame) + sum(_overlap(box, t) for t in taken)
+                if best is None or cost < best[0]:
+                    best = (cost, (dx * radius, dy * radius), ann.get_ha(), ann.get_va(), box)
+            if best[0] == 0:
+                break
+        ann.remove()
+        _, offset, ha, va, box = best
+        far = max(abs(offset[0]), abs(offset[1])) > _RADII[1]
+        placed.append(ax.annotate(
+            texts[i], xy[i], xytext=offset, textcoords="offset points", fontsize=7, ha=ha, va=va,
+            arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=4)
+            if far else None))
+        taken.append(box.expanded(1.05, 1.1))
+    return placed
+
+
+def _key_colors(keys) -> dict:
+    from matplotlib import colormaps
+
+    if len(keys) <= 10:
+        return {k: colormaps["tab10"](j) for j, k in enumerate(keys)}
+    cmap = colormaps["viridis"]
+    return {k: cmap(j / (len(keys) - 1)) for j, k in enumerate(keys)}
+
+
+def _check_points(points, **per_point) -> list[int]:
+    for name, seq in per_point.items():
+        if seq is not None and len(seq) != len(points):
+            raise ValueError(f"pareto_plot: {len(seq)} {name} for {len(points)} points")
+    return [i for i, p in enumerate(points)
+            if None not in p and all(math.isfinite(v) for v in p)]
+
+
+def pareto_plot(path, points, x: str, y: str, *, labels=None, errors=None, n_seeds=None,
+                error_label=None, color_by=None, color_name: str = "", title: str = ""):
+    """Scatter of ``points`` ``[(x, y), ...]`` for the metrics ``x`` and ``y`` with the front.
+
+    ``labels``: a text per point, placed without overlap; ``errors``: per point
+    ``(xerr, yerr)``, each ``None``, a half-width or ``[low, high]``; ``n_seeds``: per point,
+    whiskers only where 2 or more (the legend says how many); ``color_by``: a discrete key per
+    point (a rank, a method), one colour and legend entry per key, named ``color_name``. The
+    front (by each metric's direction) is ringed and joined by a dashed line. Points with a
+    ``None`` coordinate are left out and counted in the title. Writes ``path``; returns the
+    Figure.
+    """
+    hx, hy = higher_is_better(x), higher_is_better(y)
+    ok = _check_points(points, labels=labels, errors=errors, n_seeds=n_seeds, color_by=color_by)
+    front = pareto_front(points, (hx, hy))
+    fig = _figure(7.6, 4.8)
+    ax = fig.add_subplot()
+    keys = list(dict.fromkeys(sorted((color_by[i] for i in ok), key=_natural))) \
+        if color_by is not None else [None]
+    colors = _key_colors(keys)
+    for key in keys:
+        idx = [i for i in ok if color_by is None or color_by[i] == key]
+        ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], s=36, zorder=3,
+                   color=colors[key], edgecolors=["black" if i in front else "none" for i in idx],
+                   linewidths=1.3, label=f"{color_name} {key}".strip() if key is not None else "run")
+    seeds_drawn = _pareto_whiskers(ax, points, ok, errors, n_seeds,
+                                   [colors[color_by[i] if color_by is not None else None]
+                                    for i in range(len(points))])
+    f = sorted(front, key=lambda i: points[i][0])
+    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], color="tab:red", ls="--",
+            lw=1.2, zorder=2, label="Pareto front (ringed)")
+    handles, _ = ax.get_legend_handles_labels()
+    if seeds_drawn is not None:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="black", marker="|", ms=8, ls="none",
+                              label=_whisker_label(error_label, seeds_drawn)))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+              frameon=False, borderaxespad=0)
+    ax.set_xlabel(axis_label(x), fontsize=8)
+    ax.set_ylabel(axis_label(y), fontsize=8)
+    left_out = len(points) - len(ok)
+    ax.set_title(title + (f" ({left_out} without a value left out)" if left_out else ""),
+                 fontsize=9)
+    ax.margins(0.12)
+    if labels is not None:
+        _place_labels(fig, ax, [points[i] for i in ok], [str(labels[i]) for i in ok],
+                      first=[k for k, i in enumerate(ok) if i in front])
+    fig.savefig(path)
+    return fig
+
+
+def _natural(v):
+    """Sort numbers by value and anything else by text, numbers first."""
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def _pareto_whiskers(ax, points, ok, errors, n_seeds, colors):
+    """Draw each point's whiskers; returns the seed counts drawn (``None``: no whisker)."""
+    if errors is None:
+        return None
+    drawn, any_drawn = [], False
+    for i in ok:
+        if n_seeds is not None and n_seeds[i] < 2:
+            continue
+        xerr, yerr = errors[i]
+        kw = {}
+        for axis, err, v in (("xerr", xerr, points[i][0]), ("yerr", yerr, points[i][1])):
+            ci = _interval(v, err)
+            if ci is not None:
+                kw[axis] = [[max(v - ci[0], 0)], [max(ci[1] - v, 0)]]
+        if kw:
+            ax.errorbar(*points[i], fmt="none", ecolor=colors[i], elinewidth=0.8, capsize=2,
+                        alpha=0.8, zorder=2, **kw)
+            any_drawn = True
+            if n_seeds is not None:
+                drawn.append(n_seeds[i])
+    return drawn if any_drawn else None
+
+
+def plot_group_accuracy(rep: dict, path):
+    """Bars of per-group accuracy with interval whiskers, the worst group in red."""
+    acc = rep["group_accuracy"]
+    ci = rep.get("ci") or {}
+    level = ci.get("level")
+    intervals = (ci.get("intervals") or {}).get("group_accuracy")
+    panel = Bars(
+        categories=rep["group_names"], values={"accuracy": acc}, metric="accuracy",
+        ylabel="accuracy", counts=rep["group_count"], highlight=_worst(acc),
+        errors={"accuracy": intervals} if intervals else None,
+        error_label=f"{round(100 * level)}% bootstrap interval" if level else None,
+        reference=(rep["accuracy"], f"overall {rep['accuracy']:.3f}"),
+        title=f"{rep['run']} ({rep['split']}): accuracy per group")
+    return bar_plot(path, panel)
 
 
 def write_report(
@@ -187,7 +563,7 @@ def write_report(
     if isinstance(source, dict):
         if out_dir is None:
             raise ValueError("write_report of a metrics dict needs out_dir")
-        missing = [k for k in SCALAR_KEYS + ("group_accuracy", "group_count") if k not in source]
+        missing = [k for k in _REQUIRED + ("group_accuracy", "group_count") if k not in source]
         if missing:
             raise ValueError(f"metrics dict lacks {missing}: pass a compute_metrics() result")
         rep = dict(source)
@@ -227,24 +603,6 @@ def pareto_front(points, higher=(True, True)) -> list[int]:
     return front
 
 
-# Comparison axes that are not scalars of compute_metrics: (higher is better, how to read it).
-DERIVED = {"max_group_loss": (False, lambda rep: max(
-    [v for v in rep.get("group_loss") or [] if v is not None], default=None))}
-
-
-def _direction(key: str) -> bool:
-    if key in DERIVED:
-        return DERIVED[key][0]
-    if key not in HIGHER_IS_BETTER:
-        raise ValueError(f"no known direction for metric {key!r}; choose one of "
-                         f"{sorted({**HIGHER_IS_BETTER, **DERIVED})}")
-    return HIGHER_IS_BETTER[key]
-
-
-def _value(rep: dict, key: str):
-    return DERIVED[key][1](rep) if key in DERIVED else rep.get(key)
-
-
 def _run_metrics(run_dir, split: str) -> dict:
     if isinstance(run_dir, dict):
         return run_dir
@@ -269,7 +627,7 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
     run: ``run``, the ``x`` and ``y`` values, their intervals (``<key>_ci``, when the run's
     report has them) and ``pareto`` (on the front, by each metric's better direction).
     """
-    hx, hy = _direction(x), _direction(y)
+    hx, hy = higher_is_better(x), higher_is_better(y)
     run_dirs = list(run_dirs)
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
@@ -280,8 +638,8 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
         rep = _run_metrics(d, split)
         intervals = (rep.get("ci") or {}).get("intervals") or {}
         name = labels[i] if labels else rep.get("run") or Path(str(d)).name
-        rows.append({"run": name,
-                     x: _value(rep, x), y: _value(rep, y),
+        values = scalar_metrics(rep, (x, y))
+        rows.append({"run": name, x: values.get(x), y: values.get(y),
                      f"{x}_ci": intervals.get(x), f"{y}_ci": intervals.get(y)})
     front = set(pareto_front([(r[x], r[y]) for r in rows], (hx, hy)))
     for i, r in enumerate(rows):
@@ -295,76 +653,100 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
     md += [f"| {r['run']} | {_fmt(r[x])} | {_fmt(r[y])} {_fmt_ci(r[f'{y}_ci'])} | "
            f"{'yes' if r['pareto'] else ''} |" for r in rows]
     (out / "compare.md").write_text("\n".join(md) + "\n")
-    _plot_pareto(rows, x, y, hx, hy, split, out / "pareto.png")
+    pareto_plot(out / "pareto.png", [(r[x], r[y]) for r in rows], x, y,
+                labels=[r["run"] for r in rows],
+                errors=[(r[f"{x}_ci"], r[f"{y}_ci"]) for r in rows],
+                error_label="bootstrap interval", title=f"{len(rows)} runs, {split} split")
     return rows
 
 
-def _plot_pareto(rows, x, y, hx, hy, split, path) -> None:
-    fig = _figure(6.4, 4.8)
-    ax = fig.add_subplot()
-    for r in rows:
-        if r[x] is None or r[y] is None:
+REPORT_FILES = ("report.json", "report.md", "group_accuracy.png")
+COMPARE_FILES = ("compare.json", "compare.md", "pareto.png")
+
+
+def _claim(out: Path, files, overwrite: bool) -> str | None:
+    """Refuse to write over an earlier report in ``out`` unless ``overwrite``; returns a line
+    saying what gets replaced (``None`` when nothing is there)."""
+    old = [f for f in files if (out / f).exists()]
+    if not old:
+        return None
+    try:
+        prev = json.loads((out / "report.json").read_text())
+        ci = prev.get("ci") or {}
+        what = f" (split {prev.get('split')}, " + (
+            f"{ci['n_boot']} resamples)" if ci.get("n_boot") else "no intervals)")
+    except (OSError, ValueError, AttributeError):
+        what = ""
+    if not overwrite:
+        raise ValueError(f"{out} already holds {', '.join(old)}{what}: pass --out DIR to write "
+                         f"elsewhere, or --overwrite to replace them")
+    return f"replaced {', '.join(old)}{what} in {out}, as --overwrite asked"
+
+
+def _targets(args) -> tuple[list[Path], Path | None]:
+    """Where each run's report goes, and the comparison (with several runs)."""
+    if len(args.runs) == 1:
+        return [Path(args.out) if args.out else Path(args.runs[0]) / "report"], None
+    outs, used = [], {}
+    for run in args.runs:
+        if not args.out:
+            outs.append(Path(run) / "report")
             continue
-        err = {}
-        for axis, key in (("xerr", x), ("yerr", y)):
-            ci = r[f"{key}_ci"]
-            if ci is not None:
-                err[axis] = [[max(r[key] - ci[0], 0)], [max(ci[1] - r[key], 0)]]
-        ax.errorbar(r[x], r[y], fmt="o", ms=5, lw=0.8, capsize=2,
-                    color="tab:red" if r["pareto"] else "tab:blue", **err)
-        ax.annotate(r["run"], (r[x], r[y]), xytext=(4, 4), textcoords="offset points", fontsize=7)
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r[x])
-    ax.plot([r[x] for r in front], [r[y] for r in front], "r--", lw=1,
-            label="Pareto front (red: on it)")
-    ax.set_xlabel(f"{x} ({'higher' if hx else 'lower'} is better)")
-    ax.set_ylabel(f"{y} ({'higher' if hy else 'lower'} is better)")
-    ax.set_title(f"{len(rows)} runs, {split} split", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+        name = Path(run).resolve().name
+        used[name] = used.get(name, 0) + 1
+        outs.append(Path(args.out) / (name if used[name] == 1 else f"{name}_{used[name]}"))
+    return outs, Path(args.out or "compare")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fastfair report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastfair report",
         description="Fairness report of a run directory (report.json, report.md, "
                     "group_accuracy.png); with several runs, also their accuracy-vs-fairness "
-                    "scatter with the Pareto front (compare.json, compare.md, pareto.png).")
+                    "scatter with the Pareto front (compare.json, compare.md, pareto.png). "
+                    "An existing report is never replaced without --overwrite.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output folder: one run's report, or the comparison of "
-                                 "several (default: the run directory / ./compare); with "
-                                 "several runs, each run's report goes to OUT/<run name>")
+                                 "several, each run's report then in OUT/<run name> "
+                                 "(default: RUN_DIR/report, and ./compare for the comparison; "
+                                 "the report the trainer wrote into RUN_DIR stays as it is)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report already in the output folder (default: refuse)")
     p.add_argument("--split", default="test", help="which predictions_<split>.npz (default test)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--no-ci", action="store_true", help="skip the bootstrap intervals")
-    p.add_argument("--x", default="accuracy", help="comparison x axis (default accuracy)")
-    p.add_argument("--y", default="worst_group_accuracy", help="comparison y axis")
-    args = p.parse_args(argv)
+    p.add_argument("--x", default="accuracy", choices=scalar_keys(), metavar="METRIC",
+                   help="comparison x axis (default accuracy)")
+    p.add_argument("--y", default="worst_group_accuracy", choices=scalar_keys(),
+                   metavar="METRIC", help=f"comparison y axis (default worst_group_accuracy); "
+                                          f"either axis is one of {', '.join(scalar_keys())}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastfair report RUN_DIR [RUN_DIR ...] [--out DIR] [--overwrite]``."""
+    args = _parser().parse_args(argv)
     kw = dict(split=args.split, ci=not args.no_ci, n_boot=args.n_boot, seed=args.seed,
               level=args.level)
     try:
-        if len(args.runs) == 1:
-            out = args.out or args.runs[0]
-            write_report(args.runs[0], out, **kw)
-            print(f"wrote {Path(out) / 'report.md'}")
-            return 0
-        used: dict[str, int] = {}
+        outs, compare_out = _targets(args)
+        # every refusal before the first file is written: a refused call changes nothing
+        replaced = [_claim(o, REPORT_FILES, args.overwrite) for o in outs]
+        if compare_out is not None:
+            replaced.append(_claim(compare_out, COMPARE_FILES, args.overwrite))
         reports = []
-        for run in args.runs:
-            out = None
-            if args.out:
-                name = Path(run).resolve().name
-                used[name] = used.get(name, 0) + 1
-                out = Path(args.out) / (name if used[name] == 1 else f"{name}_{used[name]}")
+        for run, out in zip(args.runs, outs):
             rep = write_report(run, out, **kw)
             reports.append(rep)
-            print(f"{rep['run']}: worst_group_accuracy {_fmt(rep['worst_group_accuracy'])}")
-        out = Path(args.out or "compare")
-        compare_runs(reports, out, x=args.x, y=args.y, split=args.split)
-        print(f"wrote {out / 'compare.md'}")
+            print(f"{rep['run']}: worst_group_accuracy {_fmt(rep['worst_group_accuracy'])}; "
+                  f"wrote {out / 'report.md'}")
+        if compare_out is not None:
+            compare_runs(reports, compare_out, x=args.x, y=args.y, split=args.split)
+            print(f"wrote {compare_out / 'compare.md'}")
+        for line in filter(None, replaced):
+            print(line)
     except ValueError as e:
         print(f"fastfair report: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from fastfair.config import TrainConfig, load_config
 from fastfair.data import ColoredDigits
 from fastfair.inject import lora_layers
 from fastfair.models import create_backbone, setup_finetuning
+from fastfair.report import pareto_front
 from fastfair.workflows import sweep as sweep_mod
 from fastfair.workflows import tune as tune_mod
 
@@ -129,8 +130,9 @@ def test_summarize_best_rank_per_setting():
     text = sweep_mod.summarize(rows, "accuracy_gap", "test")
     lines = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| ")}
     assert lines["ERM"].split("|")[-4].strip() == "4"
-    assert lines["variance"].split("|")[-4].strip() == "1"
-    assert "(-0.4000)" in lines["variance"]  # change against ERM at rank 1: 0.1 - 0.5
+    fair = lines["fairlora λ=1 variance group"]
+    assert fair.split("|")[-4].strip() == "1"
+    assert "(-0.4000)" in fair  # change against ERM at rank 1: 0.1 - 0.5
     assert "no single rank is best everywhere" in text
     same = [r for r in rows if r["rank"] == 4] + [dict(r, **{"test/accuracy_gap": 0.9})
                                                    for r in rows if r["rank"] == 1]
@@ -144,8 +146,8 @@ def test_summarize_best_rank_per_setting():
 
 def test_pareto_front_directions():
     pts = [(0.9, 0.1), (0.8, 0.05), (0.7, 0.2), (0.9, 0.3), (None, 0.0)]
-    assert sweep_mod.pareto_front(pts, (True, False)) == [0, 1]
-    assert sweep_mod.pareto_front(pts, (True, True)) == [3]
+    assert pareto_front(pts, (True, False)) == [0, 1]
+    assert pareto_front(pts, (True, True)) == [3]
 
 
 # --- tune: trial -> config ---------------------------------------------------------------------
@@ -231,6 +233,14 @@ def test_tune_end_to_end_resumes_without_repeating(tmp_path, small, monkeypatch)
     assert float(table[0]["accuracy_gap"]) == pytest.approx(study.trials[0].value)
     # the objective is the final pooled validation metric of the trial's run
     assert study.trials[0].value == pytest.approx(study.trials[0].user_attrs["val/accuracy_gap"])
+    # summary.md: the best trial, optuna's importances of the sampled parameters, stage two on test
+    summary = (out / "summary.md").read_text()
+    assert f"## Best trial: #{study.best_trial.number}" in summary
+    assert f"| validation accuracy_gap | {study.best_value:.4f} |" in summary
+    imp = summary.split("## Parameter importance")[1].split("##")[0]
+    assert "| lr |" in imp or "Not computed" in imp
+    assert f"| accuracy | {res['final']['test']['accuracy']:.4f} |" in summary
+    assert (out / "study.png").stat().st_size > 0
 
 
 def test_tune_killed_trial_is_not_counted(tmp_path, small, monkeypatch):
@@ -275,7 +285,7 @@ def test_tune_two_objectives_nsga2(tmp_path, small):
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert len(res["best_values"]) == 2
     assert tuple(res["best_values"]) in {tuple(t.values) for t in study.best_trials}
-    assert (out / "pareto.png").stat().st_size > 0
+    assert (out / "study.png").stat().st_size > 0  # the trials' Pareto front
     # another objective on the same study directory is refused, not mixed in
     with pytest.raises(ValueError, match="settings"):
         tune_mod.tune(base(tmp_path, epochs=1, batch_size=32), out, n_trials=3,

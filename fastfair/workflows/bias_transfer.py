@@ -24,15 +24,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader
-
-from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import fmt_mean_std, summarize_seeds, write_rows
-from ..data import ColoredDigits, TriggeredDataset, add_trigger
-from ..models import create_backbone, load_backbone_weights
+from .common import (Phases, Subset, add_backbone_argument, build_model, comma_list, datasets_for, derive,
+                     fmt_mean_std, half_split, predict, run_config, stack_images, summarize_seeds,
+                     with_backbone, write_rows)
 
 MODES = ("linear", "lora", "fairlora", "full", "scratch")
 DEFAULT_MODES = "linear,lora:1,lora:4,lora:16,fairlora:4,full,scratch"
@@ -46,6 +41,8 @@ def attack_success_rate(pred_clean, pred_triggered, labels, target_class: int | 
     target_class | pred_clean == y, y != target_class]`` (None without ``target_class``). A rate
     whose conditioning set is empty (no correctly classified clean image) is None, with a note.
     """
+    import torch
+
     pc, pt, y = (torch.as_tensor(a).long().flatten() for a in (pred_clean, pred_triggered, labels))
     if not (len(pc) == len(pt) == len(y)):
         raise ValueError(f"pred_clean, pred_triggered and labels differ in length: "
@@ -69,17 +66,7 @@ def attack_success_rate(pred_clean, pred_triggered, labels, target_class: int | 
     return out
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Arg-max predictions of ``model`` on a tensor of images, in eval mode."""
-    was_training = model.training
-    model.eval()
-    preds = [model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-
-def asr(model: nn.Module, images: torch.Tensor, labels, trigger_fn, target_class: int | None = None,
+def asr(model, images, labels, trigger_fn, target_class: int | None = None,
         batch_size: int = 256) -> dict:
     """``attack_success_rate`` of ``model`` on ``images`` and ``trigger_fn(images)``."""
     return attack_success_rate(predict(model, images, batch_size), predict(model, trigger_fn(images), batch_size),
@@ -87,53 +74,19 @@ def asr(model: nn.Module, images: torch.Tensor, labels, trigger_fn, target_class
 
 
 # -- data ------------------------------------------------------------------------------------
-class Subset(torch.utils.data.Dataset):
-    """Items ``indices`` of a fastfair dataset, with its per-item attributes sliced alike."""
-
-    def __init__(self, base, indices):
-        self.base, self.indices = base, torch.as_tensor(indices, dtype=torch.long)
-        for name in ("num_classes", "num_groups", "group_names", "class_names", "mean", "std"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
-        for name in ("labels", "groups", "attributes", "digits"):
-            if hasattr(base, name):
-                setattr(self, name, torch.as_tensor(getattr(base, name))[self.indices])
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[int(self.indices[i])]
-
-
-def half_split(ds: ColoredDigits, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Item indices of two halves of ``ds`` that share no source image."""
-    src = ds.source_index
-    uniq = torch.unique(src)
-    perm = uniq[torch.randperm(len(uniq), generator=torch.Generator().manual_seed(seed))]
-    first = torch.isin(src, perm[: len(uniq) // 2])
-    return first.nonzero().flatten(), (~first).nonzero().flatten()
-
-
 def benchmark_tasks(cfg: TrainConfig, target_task: str, seed: int) -> tuple[dict, dict]:
-    """Source and target ``{"train", "val", "test"}`` of the embedded benchmark (module docstring)."""
-    kw = dict(image_size=cfg.image_size or cfg.img_size or 32, seed=seed, repeats=cfg.repeats)
+    """Source and target ``{"train", "val", "test"}`` of the embedded benchmark (module docstring),
+    built by the trainer's data builder (the backbone's normalization) from data seed
+    ``cfg.data_seed``, else ``seed``."""
+    data_seed = seed if cfg.data_seed is None else cfg.data_seed
     binary = target_task == "binary"
     # correlation 1/K is uniform: color carries nothing, the trigger is the only shortcut
-    src = {s: ColoredDigits(s, binary=False, correlation=0.1, **kw) for s in ("train", "val", "test")}
-    tgt = {s: ColoredDigits(s, binary=binary, correlation=0.5 if binary else 0.1, **kw)
-           for s in ("train", "val", "test")}
-    a, b = half_split(src["train"], seed)
+    src = datasets_for(cfg, data="colored_digits", binary=False, correlation=0.1, data_seed=data_seed)
+    tgt = datasets_for(cfg, data="colored_digits", binary=binary, correlation=0.5 if binary else 0.1,
+                       data_seed=data_seed)
+    a, b = half_split(src["train"], data_seed)
     src["train"], tgt["train"] = Subset(src["train"], a), Subset(tgt["train"], b)
     return src, tgt
-
-
-def stack_images(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    for x, y, _ in DataLoader(ds, batch_size=512):
-        images.append(x)
-        labels.append(y)
-    return torch.cat(images), torch.cat(labels)
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -161,16 +114,12 @@ def mode_label(mode: str, rank: int | None) -> str:
     return mode if rank is None else f"{mode} r={rank}"
 
 
-def run_cfg(base: TrainConfig, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{**base.to_dict(), "output_dir": str(out), "checkpoint": None, "pretrained": False,
-                          **kw}).validate()
-
-
-def load_trained(cfg: TrainConfig, run_dir: Path, num_classes: int, init_weights: Path | None) -> nn.Module:
+def load_trained(cfg: TrainConfig, run_dir: Path, num_classes: int, init_weights: Path | None):
     """Rebuild a trained run's model from its run directory (adapter or full weights)."""
-    model = create_backbone(run_cfg(cfg, run_dir), num_classes)
-    if init_weights is not None:
-        load_backbone_weights(model, init_weights)
+    from ..adapters import load_adapter
+    from ..models import load_backbone_weights
+
+    model = build_model(cfg, num_classes, init_weights)
     if cfg.finetune == "lora":
         load_adapter(model, run_dir / "adapter", trainable=False, backend=cfg.backend)
     else:
@@ -178,15 +127,82 @@ def load_trained(cfg: TrainConfig, run_dir: Path, num_classes: int, init_weights
     return model.eval()
 
 
-def transfer_model(cfg: TrainConfig, num_classes: int, source_weights: Path | None) -> nn.Module:
-    """A fresh model with the source's weights (if any) and a new head for the target, initialized
-    from ``cfg.seed`` whatever ran before."""
-    torch.manual_seed(cfg.seed)
-    model = create_backbone(cfg, num_classes)
-    if source_weights is not None:
-        load_backbone_weights(model, source_weights)
-        model.reset_classifier(num_classes)  # the source head means nothing for the target
-    return model
+def mode_changes(mode: str, rank: int | None, fair_lam: float, linear_lr, full_lr, lr: float) -> dict:
+    """Config keys of a transfer mode."""
+    if mode == "linear":
+        return dict(finetune="linear", lam=0.0, lr=linear_lr or lr)
+    if mode in ("full", "scratch"):
+        return dict(finetune="full", lam=0.0, lr=full_lr or lr)
+    return dict(finetune="lora", rank=rank, lam=fair_lam if mode == "fairlora" else 0.0)
+
+
+def check_args(cfg: TrainConfig, target_task: str, trigger_class: int, debias_target: float) -> None:
+    if cfg.data != "colored_digits":
+        raise ValueError("bias-transfer builds its source and target tasks from the embedded benchmark; "
+                         f"data={cfg.data!r} is not supported")
+    if cfg.pretrained:
+        raise ValueError("bias-transfer reloads the backbone for every run: download the pretrained "
+                         "weights once and pass them as --checkpoint FILE (or use --backbone pretrain)")
+    if target_task not in ("binary", "digits"):
+        raise ValueError(f"target_task must be 'binary' or 'digits', got {target_task!r}")
+    if not (isinstance(trigger_class, int) and 0 <= trigger_class < 10):
+        raise ValueError(f"trigger_class must be a digit 0..9, got {trigger_class!r}")
+    if not 0.0 <= debias_target <= 1.0:
+        raise ValueError(f"debias_target must be in [0, 1], got {debias_target!r}")
+
+
+def train_sources(cfg, seed, src, root: Path, study: dict, phase) -> tuple[dict, list[dict]]:
+    """The triggered and the control source model (reused when a re-run finds them finished):
+    full training from ``cfg.checkpoint`` (random init without one). Returns their weights files
+    and their rows on the source task."""
+    from ..data import TriggeredDataset
+
+    images, labels = stack_images(src["test"])
+    weights_of, rows = {}, []
+    for name, p in (("triggered", study["trigger_p"]), ("control", 0.0)):
+        phase(f"source model, {name}, seed {seed}")
+        run_dir = root / f"source_{name}"
+        scfg = derive(cfg, output_dir=str(run_dir), checkpoint=None, finetune="full", seed=seed,
+                      epochs=study["source_epochs"], max_steps=study["source_max_steps"], lam=0.0,
+                      lr=study["full_lr"] or cfg.lr)
+        weights, done = run_dir / "model" / "model.safetensors", run_dir / "source_test.json"
+        if weights.is_file() and done.is_file():
+            res = {"test": json.loads(done.read_text())}
+        else:
+            train_ds = TriggeredDataset(src["train"], p=p, classes=[study["trigger_class"]], select_seed=seed,
+                                        **study["trigger"])
+            res = run_config(scfg, datasets={**src, "train": train_ds},
+                             backbone=build_model(scfg, src["train"].num_classes, cfg.checkpoint))
+            done.write_text(json.dumps({k: res["test"][k] for k in ("accuracy", "worst_group_accuracy")}))
+        weights_of[name] = weights
+        model = load_trained(scfg, run_dir, src["train"].num_classes, None)
+        m = asr(model, images, labels, study["trigger_fn"], study["trigger_class"])
+        rows.append(_row(seed, name, "source task", "source (itself)", None, 0.0, res["test"], m))
+    return weights_of, rows
+
+
+def transfer(cfg, seed, tgt, root: Path, sources: dict, mode_list, study: dict, phase) -> list[dict]:
+    """Every transfer mode from every source to the plain (and de-biased) target; rows of ASR."""
+    from ..data import TriggeredDataset
+
+    images, labels = stack_images(tgt["test"])
+    num_classes, rows = tgt["train"].num_classes, []
+    for variant in study["variants"]:
+        train_ds = tgt["train"] if variant == "plain" else TriggeredDataset(
+            tgt["train"], p=study["debias_target"], classes=None, select_seed=seed + 1, **study["trigger"])
+        for mode, rank in mode_list:
+            for source in (("none",) if mode == "scratch" else ("triggered", "control")):
+                phase(f"{mode_label(mode, rank)} from the {source} source, {variant} target, seed {seed}")
+                run_dir = root / f"{source}_{variant}_{mode}{rank or ''}"
+                kw = mode_changes(mode, rank, study["fair_lam"], study["linear_lr"], study["full_lr"], cfg.lr)
+                tcfg = derive(cfg, output_dir=str(run_dir), checkpoint=None, seed=seed, **kw)
+                init = None if source == "none" else sources[source]
+                res = run_config(tcfg, datasets={**tgt, "train": train_ds},
+                                 backbone=build_model(tcfg, num_classes, init))
+                model = load_trained(tcfg, run_dir, num_classes, init)
+                m = asr(model, images, labels, study["trigger_fn"], study["flip_class"])
+                rows.append(_row(seed, source, variant, mode, rank, kw["lam"], res["test"], m))
+    return rows
 
 
 def bias_transfer(cfg: TrainConfig, *, modes: str = DEFAULT_MODES, trigger_class: int = 9, trigger_p: float = 1.0,
@@ -195,77 +211,33 @@ def bias_transfer(cfg: TrainConfig, *, modes: str = DEFAULT_MODES, trigger_class
                   source_max_steps: int | None = None, fair_lam: float = 1.0, linear_lr: float | None = None,
                   full_lr: float | None = None, seeds=(0,), out_dir=None) -> dict:
     """Run the study; returns ``{"rows": [...], "summary": [...], "out_dir"}`` and writes
-    ``results.{csv,json,md}`` and ``asr.png`` under ``out_dir``."""
-    from ..trainer import train
+    ``results.{csv,json,md}`` and ``asr.png`` under ``out_dir``. The source models start from
+    ``cfg.checkpoint`` (``--backbone pretrain``) or random init; ``scratch`` always from random init."""
+    from ..data import add_trigger
 
-    if cfg.data != "colored_digits":
-        raise ValueError("bias-transfer builds its source and target tasks from the embedded benchmark; "
-                         f"data={cfg.data!r} is not supported")
-    if target_task not in ("binary", "digits"):
-        raise ValueError(f"target_task must be 'binary' or 'digits', got {target_task!r}")
-    if not (isinstance(trigger_class, int) and 0 <= trigger_class < 10):
-        raise ValueError(f"trigger_class must be a digit 0..9, got {trigger_class!r}")
-    if not 0.0 <= debias_target <= 1.0:
-        raise ValueError(f"debias_target must be in [0, 1], got {debias_target!r}")
+    check_args(cfg, target_task, trigger_class, debias_target)
     mode_list = parse_modes(modes or DEFAULT_MODES)
     out_dir = Path(out_dir or cfg.output_dir)
     tkw = dict(kind=trigger_kind, strength=trigger_strength)
     if trigger_kind == "patch" and trigger_size is not None:
         tkw["size"] = trigger_size
     flip_class = int(trigger_class < 5) if target_task == "binary" else trigger_class
-    target_variants = ["plain"] + (["debiased"] if debias_target > 0 else [])
     meta = dict(trigger_class=trigger_class, trigger_p=trigger_p, trigger_kind=trigger_kind,
                 target_task=target_task, flip_class=flip_class, debias_target=debias_target,
                 seeds=list(seeds), source_epochs=source_epochs, source_max_steps=source_max_steps)
+    study = dict(meta, trigger=tkw, variants=["plain"] + (["debiased"] if debias_target > 0 else []),
+                 fair_lam=fair_lam, linear_lr=linear_lr, full_lr=full_lr)
+    runs_per_seed = 2 + len(study["variants"]) * sum(1 if m == "scratch" else 2 for m, _ in mode_list)
+    phase = Phases("bias-transfer", runs_per_seed * len(seeds))
     rows = []
     for seed in seeds:
         src, tgt = benchmark_tasks(cfg, target_task, seed)
-        src_images, src_labels = stack_images(src["test"])
-        tgt_images, tgt_labels = stack_images(tgt["test"])
-
-        def trigger_fn(x, ds=src["test"]):
-            return add_trigger(x, mean=ds.mean, std=ds.std, **tkw)
-
-        sources = {}
-        for name, p in (("triggered", trigger_p), ("control", 0.0)):
-            run_dir = out_dir / f"seed{seed}" / f"source_{name}"
-            train_ds = TriggeredDataset(src["train"], p=p, classes=[trigger_class], select_seed=seed, **tkw)
-            scfg = run_cfg(cfg, run_dir, finetune="full", seed=seed, epochs=source_epochs,
-                           max_steps=source_max_steps, lam=0.0, lr=full_lr or cfg.lr)
-            weights, done = run_dir / "model" / "model.safetensors", run_dir / "source_test.json"
-            if weights.is_file() and done.is_file():  # a finished source is reused by re-runs
-                res = {"test": json.loads(done.read_text())}
-            else:
-                res = train(scfg, datasets={"train": train_ds, "val": src["val"], "test": src["test"]})
-                done.write_text(json.dumps({k: res["test"][k] for k in ("accuracy", "worst_group_accuracy")}))
-            sources[name] = weights
-            model = load_trained(scfg, run_dir, 10, None)
-            m = asr(model, src_images, src_labels, trigger_fn, trigger_class)
-            rows.append(_row(seed, name, "source task", "source (itself)", None, 0.0, res["test"], m))
-
-        for variant in target_variants:
-            train_ds = tgt["train"] if variant == "plain" else TriggeredDataset(
-                tgt["train"], p=debias_target, classes=None, select_seed=seed + 1, **tkw)
-            data = {"train": train_ds, "val": tgt["val"], "test": tgt["test"]}
-            for mode, rank in mode_list:
-                for source in (("none",) if mode == "scratch" else ("triggered", "control")):
-                    run_dir = out_dir / f"seed{seed}" / f"{source}_{variant}_{mode}{rank or ''}"
-                    kw = dict(seed=seed, lam=0.0)
-                    if mode == "linear":
-                        kw.update(finetune="linear", lr=linear_lr or cfg.lr)
-                    elif mode in ("full", "scratch"):
-                        kw.update(finetune="full", lr=full_lr or cfg.lr)
-                    else:
-                        kw.update(finetune="lora", rank=rank, lam=fair_lam if mode == "fairlora" else 0.0)
-                    tcfg = run_cfg(cfg, run_dir, **kw)
-                    init = None if source == "none" else sources[source]
-                    res = train(tcfg, datasets=data, backbone=transfer_model(tcfg, tgt["train"].num_classes, init))
-                    model = load_trained(tcfg, run_dir, tgt["train"].num_classes, init)
-                    m = asr(model, tgt_images, tgt_labels, trigger_fn, flip_class)
-                    rows.append(_row(seed, source, variant, mode, rank, kw["lam"], res["test"], m))
+        study["trigger_fn"] = lambda x, ds=src["test"]: add_trigger(x, mean=ds.mean, std=ds.std, **tkw)
+        sources, source_rows = train_sources(cfg, seed, src, out_dir / f"seed{seed}", study, phase)
+        rows += source_rows
+        rows += transfer(cfg, seed, tgt, out_dir / f"seed{seed}", sources, mode_list, study, phase)
         write_results(out_dir, rows, summarize(rows), meta)  # after every seed: a kill keeps the table
-    summary = summarize(rows)
-    return {"rows": rows, "summary": summary, "out_dir": str(out_dir)}
+    return {"rows": rows, "summary": summarize(rows), "out_dir": str(out_dir)}
 
 
 def _row(seed, source, target, mode, rank, lam, test_metrics, m) -> dict:
@@ -350,15 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-lam", type=float, default=1.0, help="FairLoRA's lambda")
     p.add_argument("--linear-lr", type=float, default=None, help="learning rate of the linear probe")
     p.add_argument("--full-lr", type=float, default=None, help="learning rate of full training (source too)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
+    add_backbone_argument(p)
     add_config_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    cfg = with_backbone(config_from_args(args), args.backbone)
+    seeds = args.seeds
     res = bias_transfer(cfg, modes=args.modes, trigger_class=args.trigger_class, trigger_p=args.trigger_p,
                         trigger_kind=args.trigger_kind, trigger_size=args.trigger_size,
                         trigger_strength=args.trigger_strength, debias_target=args.debias_target,

@@ -218,6 +218,42 @@ def add_backbone_argument(parser: argparse.ArgumentParser) -> None:
                              "--data-seed); 'config': the config's own backbone (default: %(default)s)")
 
 
+def figure(width: float, height: float):
+    """A bare Figure on the Agg canvas: no pyplot, so a user's interactive backend is untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def pareto_plot(points, labels, path, x: str, y: str, title: str, colors=None) -> list[int]:
+    """Scatter of ``points`` with their Pareto front drawn; returns the front's indices."""
+    from ..report import pareto_front
+
+    front = pareto_front(points, (higher_is_better(x), higher_is_better(y)))
+    fig = figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    ok = [i for i, p in enumerate(points) if None not in p]
+    sc = ax.scatter([points[i][0] for i in ok], [points[i][1] for i in ok],
+                    c=None if colors is None else [colors[i] for i in ok],
+                    cmap="viridis" if colors is not None else None, s=36, zorder=2)
+    if colors is not None:
+        fig.colorbar(sc, ax=ax, label="log2 rank")
+    for i in ok:
+        ax.annotate(labels[i], points[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
+    f = sorted(front, key=lambda i: points[i][0])
+    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], "r--", lw=1, zorder=1, label="Pareto front")
+    ax.set_xlabel(f"{x} ({'higher' if higher_is_better(x) else 'lower'} is better)")
+    ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return front
+
+
 # -- progress headers ----------------------------------------------------------------------------
 
 
@@ -233,6 +269,88 @@ class Phases:
         self.done += 1
         if PartialState().is_main_process:
             print(f"[{self.workflow} {self.done}/{self.total}] {text}", flush=True)
+
+
+# -- metrics and runs that resume ---------------------------------------------------------------
+
+# Lower is better; not in metrics.HIGHER_IS_BETTER because compute_metrics reports the per-group
+# list (fastfair.report reads it the same way).
+DERIVED = {"max_group_loss": False}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a scalar metric; ``ValueError`` for one without a known direction."""
+    from ..metrics import HIGHER_IS_BETTER
+
+    table = {**HIGHER_IS_BETTER, **DERIVED}
+    if metric not in table:
+        raise ValueError(f"metric {metric!r} has no known direction; choose one of {sorted(table)}")
+    return table[metric]
+
+
+def scalar_metrics(m: dict) -> dict:
+    """The scalar entries of a ``compute_metrics`` dict, plus ``max_group_loss``."""
+    out = {k: v for k, v in m.items()
+           if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    losses = [v for v in m.get("group_loss") or [] if v is not None]
+    out["max_group_loss"] = max(losses) if losses else None
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def run_point(cfg: TrainConfig, datasets=None, stale: str = "error") -> dict:
+    """Train one run unless its ``result.json`` exists; returns that result
+    (``{"config", "output_dir", "val", "test"}``, scalar metrics).
+
+    A run dir holding another config (finished, or a checkpoint to resume) is an error with
+    ``stale='error'`` (a study whose base config changed) and is deleted with ``'replace'``.
+    """
+    import shutil
+
+    import yaml
+    from accelerate import PartialState
+
+    from ..trainer import latest_checkpoint
+
+    state = PartialState()
+    out = Path(cfg.output_dir)
+    want = _plain(cfg.to_dict())
+    result_path, config_path = out / "result.json", out / "config.yaml"
+    held = None
+    if result_path.is_file():
+        held = json.loads(result_path.read_text())["config"]
+    elif config_path.is_file():
+        held = _plain(yaml.safe_load(config_path.read_text()) or {})
+    if held is not None and held != want:
+        if stale != "replace":
+            diff = sorted(k for k in want if held.get(k) != want[k])
+            raise ValueError(f"{out} holds a run with another config (keys {diff}); "
+                             "run into a new directory")
+        held = None
+    if held is not None and result_path.is_file():
+        return json.loads(result_path.read_text())
+    resume = str(out) if held is not None and latest_checkpoint(out) is not None else None
+    if resume is None and out.exists():
+        # killed before its first checkpoint, or stale: nothing to keep (metrics.jsonl appends)
+        if state.is_main_process:
+            shutil.rmtree(out)
+        state.wait_for_everyone()
+    res = run_config(cfg, resume=resume, datasets=datasets)
+    result = {"config": want, "output_dir": str(out),
+              "val": scalar_metrics(res["val"]), "test": scalar_metrics(res["test"])}
+    if state.is_main_process:
+        write_json_atomic(result_path, result)
+    state.wait_for_everyone()
+    return result
 
 
 # -- flags, tables, seeds ------------------------------------------------------------------------

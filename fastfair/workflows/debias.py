@@ -28,24 +28,17 @@ import argparse
 import importlib
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-from torch.utils.data import Dataset
-
-from ..adapters import load_adapter
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import fmt_mean_std, summarize_seeds, write_rows
-from ..data import ColoredDigits, build_datasets, other_colors, recolor
-from ..inject import lora_layers
-from ..models import create_backbone, load_backbone_weights
-from .bias_transfer import Subset, half_split, predict, run_cfg, stack_images
+from .common import (Phases, Subset, add_backbone_argument, build_model, comma_list, datasets_for, derive,
+                     fmt_mean_std, half_split, predict, run_config, stack_images, summarize_seeds,
+                     with_backbone, write_rows)
 
 BIAS_KEYS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference",
              "counterfactual_flip")
 ARMS = ("baseline", "debias")
 
 
-class Counterfactual(Dataset):
+class Counterfactual:
     """``base`` followed by the counterfactual twin of each of its items (``2n`` items).
 
     Item ``n + i`` is item ``i`` moved along the axis, with the same label: recolored to another
@@ -53,6 +46,10 @@ class Counterfactual(Dataset):
     """
 
     def __init__(self, base, fn=None, seed: int = 0):
+        import torch
+
+        from ..data import other_colors
+
         self.base, self.fn, self.n = base, fn, len(base)
         for name in ("num_classes", "num_groups", "group_names", "class_names", "mean", "std"):
             if hasattr(base, name):
@@ -77,6 +74,10 @@ class Counterfactual(Dataset):
     def __getitem__(self, i):
         if i < self.n:
             return self.base[i]
+        import torch
+
+        from ..data import recolor
+
         image, label, group = self.base[i - self.n]
         if self.fn is None:
             image = recolor(image, self.cf_colors[i - self.n], self.mean, self.std)
@@ -103,30 +104,33 @@ def load_function(spec: str):
 
 
 def benchmark_data(cfg: TrainConfig, seed: int) -> dict:
-    """Backbone, upstream, task-1 and task-2 splits of the embedded benchmark (module docstring)."""
-    kw = dict(image_size=cfg.image_size or cfg.img_size or 32, seed=seed, repeats=cfg.repeats,
-              correlation=cfg.correlation)
-    digits = {s: ColoredDigits(s, binary=False, **kw) for s in ("train", "val", "test")}
-    binary = {s: ColoredDigits(s, binary=True, **kw) for s in ("train", "val", "test")}
-    a, b = half_split(digits["train"], seed)
-    pre = {"train": Subset(digits["train"], a), "val": digits["val"], "test": digits["test"]}
-    task1 = {"train": Subset(digits["train"], b), "val": digits["val"], "test": digits["test"]}
-    task2 = {"train": Subset(binary["train"], b), "val": binary["val"], "test": binary["test"]}
+    """Backbone, upstream, task-1 and task-2 splits of the embedded benchmark (module docstring),
+    from the trainer's data builder at data seed ``cfg.data_seed``, else ``seed``."""
+    data_seed = seed if cfg.data_seed is None else cfg.data_seed
+    digits = datasets_for(cfg, binary=False, data_seed=data_seed)
+    binary = datasets_for(cfg, binary=True, data_seed=data_seed)
+    a, b = half_split(digits["train"], data_seed)
+    pre = {**digits, "train": Subset(digits["train"], a)}
+    task1 = {**digits, "train": Subset(digits["train"], b)}
+    task2 = {**binary, "train": Subset(binary["train"], b)}
     return {"pretrain": pre, "tasks": {"digits10": task1, "digit_lt5": task2}}
 
 
 def csv_data(cfg: TrainConfig, transfer_csv: str | None) -> dict:
-    task1 = build_datasets(cfg.to_dict(), image_size=cfg.image_size or cfg.img_size)
-    tasks = {"task": task1}
+    """The config's CSV task (and ``transfer_csv``'s) through the trainer's data builder, so the
+    images get the backbone's own normalization and the config's data seed."""
+    tasks = {"task": datasets_for(cfg)}
     if transfer_csv:
-        tasks["transfer"] = build_datasets({**cfg.to_dict(), "csv_path": transfer_csv},
-                                           image_size=cfg.image_size or cfg.img_size)
-    return {"pretrain": task1, "tasks": tasks}
+        tasks["transfer"] = datasets_for(cfg, csv_path=transfer_csv)
+    return {"pretrain": tasks["task"], "tasks": tasks}
 
 
-@torch.no_grad()
-def counterfactual_flip(model: nn.Module, ds) -> float | None:
+def counterfactual_flip(model, ds) -> float | None:
     """Share of ``ds``'s images whose prediction changes when recolored (colored digits only)."""
+    import torch
+
+    from ..data import ColoredDigits, other_colors, recolor
+
     base = ds.base if isinstance(ds, Subset) else ds
     if not isinstance(base, ColoredDigits):
         return None
@@ -136,8 +140,10 @@ def counterfactual_flip(model: nn.Module, ds) -> float | None:
     return float((predict(model, images) != predict(model, twins)).float().mean())
 
 
-def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+def adapter_state(model, name: str) -> dict:
     """Copies of one adapter's tensors, keyed by layer."""
+    from ..inject import lora_layers
+
     out = {}
     for layer_name, layer in lora_layers(model).items():
         if name in layer.adapters:
@@ -146,14 +152,79 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def fresh_model(cfg: TrainConfig, num_classes: int, backbone_weights: Path | None) -> nn.Module:
-    """The backbone with a new head, initialized from ``cfg.seed`` whatever ran before."""
-    torch.manual_seed(cfg.seed)
-    model = create_backbone(cfg, num_classes)
-    if backbone_weights is not None:
-        load_backbone_weights(model, backbone_weights)
-        model.reset_classifier(num_classes)
-    return model
+def backbone_weights(cfg: TrainConfig, seed: int, data: dict, root: Path, study: dict, phase) -> Path:
+    """Phase 0: the given backbone (``--checkpoint``, ``--backbone pretrain``), else a short
+    pre-training of this seed, saved and reused on re-runs."""
+    if cfg.pretrained:
+        raise ValueError("debias reloads the backbone between runs: download the pretrained "
+                         "weights once and pass them as --checkpoint FILE (or use --backbone pretrain)")
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    phase(f"backbone pre-training, seed {seed}")
+    pre_dir = root / "backbone"
+    weights = pre_dir / "model" / "model.safetensors"
+    if not weights.is_file():
+        pcfg = derive(cfg, output_dir=str(pre_dir), finetune="full", seed=seed, epochs=study["backbone_epochs"],
+                      max_steps=study["backbone_max_steps"], lam=0.0)
+        pre = data["pretrain"]
+        run_config(pcfg, datasets=pre, backbone=build_model(pcfg, pre["train"].num_classes))
+    return weights
+
+
+def train_upstream(cfg, seed, first: dict, weights, root: Path, study: dict, phase):
+    """Phase 1: the debiasing adapter on counterfactually augmented data (and, with
+    ``control``, the same adapter trained without the twins). Returns the upstream result, the
+    adapters by arm and the arms."""
+    fn = study["fn"]
+    up_dir, up_train = root / "upstream", first["train"]
+    ukw = dict(finetune="lora", seed=seed, epochs=study["upstream_epochs"] or cfg.epochs,
+               max_steps=study["upstream_max_steps"] or cfg.max_steps)
+    if fn is not None or cfg.data == "colored_digits":
+        up_train = Counterfactual(up_train, fn, seed=seed)
+    else:  # no counterfactual for this data: balance the groups and penalize their spread
+        ukw.update(balanced_sampling=True, lam=cfg.lam or 1.0)
+    phase(f"upstream adapter, seed {seed}")
+    ucfg = derive(cfg, output_dir=str(up_dir), checkpoint=None, **ukw)
+    up = run_config(ucfg, datasets={**first, "train": up_train},
+                    backbone=build_model(ucfg, up_train.num_classes, weights))
+    adapters, arms = {"debias": up_dir / "adapter"}, list(ARMS)
+    if study["control"] and isinstance(up_train, Counterfactual):
+        # the same adapter trained on the same images without their twins, for as many steps:
+        # separates "counterfactual data" from "one more frozen adapter trained on the task"
+        phase(f"control adapter (no counterfactual twins), seed {seed}")
+        ccfg = derive(cfg, output_dir=str(root / "upstream_plain"), checkpoint=None, finetune="lora", seed=seed,
+                      epochs=2 * ukw["epochs"], max_steps=ukw["max_steps"])
+        run_config(ccfg, datasets=first, backbone=build_model(ccfg, first["train"].num_classes, weights))
+        adapters["plain upstream"] = root / "upstream_plain" / "adapter"
+        arms.append("plain upstream")
+    return up, adapters, arms
+
+
+def run_task(cfg, seed, task: str, ds: dict, arm: str, adapters: dict, weights, root: Path) -> dict:
+    """Phase 2, one arm: the task adapter, beside the frozen upstream adapter unless ``baseline``;
+    raises if that frozen adapter changed. Returns the result row."""
+    import torch
+
+    from ..adapters import load_adapter
+
+    run_dir = root / f"{task}_{arm.replace(' ', '_')}"
+    tcfg = derive(cfg, output_dir=str(run_dir), checkpoint=None, finetune="lora", seed=seed)
+    model = build_model(tcfg, ds["train"].num_classes, weights)
+    before = {}
+    if arm != "baseline":
+        load_adapter(model, adapters[arm], name="debias", trainable=False, load_modules_to_save=False,
+                     backend=cfg.backend)
+        before = adapter_state(model, "debias")
+    res = run_config(tcfg, datasets=ds, backbone=model)
+    after = adapter_state(model, "debias")
+    unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    if not unchanged:
+        raise RuntimeError(f"{run_dir}: the frozen upstream adapter changed during the task run")
+    return {"seed": seed, "task": task, "arm": arm,
+            "upstream_task": "digits10+counterfactual" if cfg.data == "colored_digits" else "csv",
+            **{k: res["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
+            "counterfactual_flip": counterfactual_flip(model, ds["test"]),
+            "upstream_unchanged": bool(before) and unchanged if arm != "baseline" else None}
 
 
 def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: int | None = None,
@@ -163,77 +234,26 @@ def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: in
     """Run both phases for every seed (``control``: also a frozen adapter trained without the
     counterfactual twins, same steps, as a third arm); returns ``{"rows", "summary", "out_dir"}`` and writes
     ``results.{csv,json,md}`` and ``bias.png`` under ``out_dir``."""
-    from ..trainer import train
-
     out_dir = Path(out_dir or cfg.output_dir)
-    fn = load_function(counterfactual) if counterfactual else None
+    study = dict(fn=load_function(counterfactual) if counterfactual else None, control=control,
+                 backbone_epochs=backbone_epochs, backbone_max_steps=backbone_max_steps,
+                 upstream_epochs=upstream_epochs, upstream_max_steps=upstream_max_steps)
+    n_tasks = 2 if cfg.data == "colored_digits" or transfer_csv else 1
+    with_control = control and (study["fn"] is not None or cfg.data == "colored_digits")
+    per_seed = (0 if cfg.checkpoint else 1) + 1 + with_control + n_tasks * (len(ARMS) + with_control)
+    phase = Phases("debias", per_seed * len(seeds))
     rows = []
     for seed in seeds:
         root = out_dir / f"seed{seed}"
         data = benchmark_data(cfg, seed) if cfg.data == "colored_digits" else csv_data(cfg, transfer_csv)
-        tasks = data["tasks"]
-        first = next(iter(tasks.values()))
-
-        # phase 0: the backbone (given, or a short pre-training saved and reused on re-runs)
-        if cfg.checkpoint or cfg.pretrained:
-            weights = Path(cfg.checkpoint) if cfg.checkpoint else None
-            if cfg.pretrained:
-                raise ValueError("debias reloads the backbone between runs: download the pretrained "
-                                 "weights once and pass them as --checkpoint FILE")
-        else:
-            pre_dir = root / "backbone"
-            weights = pre_dir / "model" / "model.safetensors"
-            if not weights.is_file():
-                pcfg = run_cfg(cfg, pre_dir, finetune="full", seed=seed, epochs=backbone_epochs,
-                               max_steps=backbone_max_steps, lam=0.0)
-                pre = data["pretrain"]
-                train(pcfg, datasets=pre, backbone=create_backbone(pcfg, pre["train"].num_classes))
-
-        # phase 1 (upstream): the debiasing adapter on counterfactually augmented data
-        up_dir = root / "upstream"
-        up_train = first["train"]
-        ukw = dict(finetune="lora", seed=seed, epochs=upstream_epochs or cfg.epochs,
-                   max_steps=upstream_max_steps or cfg.max_steps)
-        if fn is not None or cfg.data == "colored_digits":
-            up_train = Counterfactual(up_train, fn, seed=seed)
-        else:  # no counterfactual for this data: balance the groups and penalize their spread
-            ukw.update(balanced_sampling=True, lam=cfg.lam or 1.0)
-        ucfg = run_cfg(cfg, up_dir, **ukw)
-        up = train(ucfg, datasets={**first, "train": up_train},
-                   backbone=fresh_model(ucfg, up_train.num_classes, weights))
-        adapters = {"debias": up_dir / "adapter"}
-        arms = list(ARMS)
-        if control and isinstance(up_train, Counterfactual):
-            # the same adapter trained on the same images without their twins, for as many steps:
-            # separates "counterfactual data" from "one more frozen adapter trained on the task"
-            ccfg = run_cfg(cfg, root / "upstream_plain", finetune="lora", seed=seed,
-                           epochs=2 * ukw["epochs"], max_steps=ukw["max_steps"])
-            train(ccfg, datasets=first, backbone=fresh_model(ccfg, first["train"].num_classes, weights))
-            adapters["plain upstream"] = root / "upstream_plain" / "adapter"
-            arms.append("plain upstream")
-
-        # phase 2 (downstream): each task with and without the frozen upstream adapter
-        for task, ds in tasks.items():
+        first = next(iter(data["tasks"].values()))
+        weights = backbone_weights(cfg, seed, data, root, study, phase)
+        up, adapters, arms = train_upstream(cfg, seed, first, weights, root, study, phase)
+        for task, ds in data["tasks"].items():
             for arm in arms:
-                run_dir = root / f"{task}_{arm.replace(' ', '_')}"
-                tcfg = run_cfg(cfg, run_dir, finetune="lora", seed=seed)
-                model = fresh_model(tcfg, ds["train"].num_classes, weights)
-                before = {}
-                if arm != "baseline":
-                    load_adapter(model, adapters[arm], name="debias", trainable=False,
-                                 load_modules_to_save=False, backend=cfg.backend)
-                    before = adapter_state(model, "debias")
-                res = train(tcfg, datasets=ds, backbone=model)
-                after = adapter_state(model, "debias")
-                unchanged = all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
-                if not unchanged:
-                    raise RuntimeError(f"{run_dir}: the frozen upstream adapter changed during the task run")
-                rows.append({"seed": seed, "task": task, "arm": arm, "upstream_task": "digits10+counterfactual"
-                             if cfg.data == "colored_digits" else "csv",
-                             **{k: res["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
-                             "counterfactual_flip": counterfactual_flip(model, ds["test"]),
-                             "upstream_unchanged": bool(before) and unchanged if arm != "baseline" else None})
-        rows.append({"seed": seed, "task": next(iter(tasks)), "arm": "upstream only",
+                phase(f"{task}, {arm}, seed {seed}")
+                rows.append(run_task(cfg, seed, task, ds, arm, adapters, weights, root))
+        rows.append({"seed": seed, "task": next(iter(data["tasks"])), "arm": "upstream only",
                      "upstream_task": rows[-1]["upstream_task"],
                      **{k: up["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
                      "counterfactual_flip": None, "upstream_unchanged": None})
@@ -307,15 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-csv", default=None, help="metadata CSV of the second task (CSV data)")
     p.add_argument("--control", action="store_true",
                    help="third arm: a frozen upstream adapter trained without the counterfactual twins")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
+    add_backbone_argument(p)
     add_config_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    cfg = with_backbone(config_from_args(args), args.backbone)
+    seeds = args.seeds
     res = debias(cfg, backbone_epochs=args.backbone_epochs, backbone_max_steps=args.backbone_max_steps,
                  upstream_epochs=args.upstream_epochs, upstream_max_steps=args.upstream_max_steps,
                  counterfactual=args.counterfactual, transfer_csv=args.transfer_csv, seeds=seeds,

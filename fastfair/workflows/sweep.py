@@ -1,15 +1,18 @@
-"""``fastfair sweep``: FairLoRA's study, a grid over LoRA rank x lambda x penalty x group key x seed.
+"""fastfair sweep: FairLoRA's study, a grid over method x LoRA rank x lambda x penalty x group key x seed.
 
-Every grid point is one training run in ``<sweep dir>/<point name>/``; a point whose
-``result.json`` exists is skipped, so a killed sweep resumes where it stopped (a point killed
-mid-run restarts from its latest checkpoint, or from scratch without one). Runs with
-``lam = 0`` are plain LoRA whatever the penalty and group key, so they run once per
-(rank, seed) and serve as the ERM baseline of each rank. The sweep writes ``sweep.csv`` and
-``sweep.md`` (one row per run: grid values and every scalar metric on val and test),
-``pareto.png`` (accuracy against worst-group accuracy, or ``--x``/``--y``, coloured by rank),
-``compare/`` (``fastfair.report.compare_runs`` of all runs) and ``summary.md``:
-per penalty/lambda/group key, which rank is best on the chosen bias metric, and whether that
-rank is the same everywhere (FairLoRA's finding is that it is not).
+Every grid point is one training run in <sweep dir>/<point name>/. A point whose result.json
+exists is skipped, so a killed sweep resumes where it stopped (a point killed mid-run restarts
+from its latest checkpoint, or from scratch without one). FairLoRA at lambda 0 is plain LoRA
+(ERM) whatever the penalty and group key, so it runs once per (rank, seed) and is the baseline
+of each rank; --methods adds the group-robustness baselines (groupdro, reweight, jtt, dfr) as a
+grid axis. The sweep writes:
+  sweep.csv, sweep.md   one row per run: grid values and every scalar metric on val and test
+  pareto.png            accuracy against worst-group accuracy (or --x/--y), coloured by rank
+  compare/              fastfair report's comparison of all runs, with bootstrap intervals
+  summary.md            per setting, the best rank on --metric and whether it is the same
+                        everywhere (FairLoRA's finding is that it is not)
+  methods.md/.json/.png every setting against ERM, paired by rank and seed
+Means are over seeds with the sample std; a difference within the seed spread is a tie.
 """
 from __future__ import annotations
 
@@ -18,70 +21,18 @@ import csv
 import itertools
 import json
 import math
-import os
-import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import comma_list
-from ..losses import PENALTIES
-from ..metrics import HIGHER_IS_BETTER
-from ..report import compare_runs, pareto_front
+from .common import (TIE_RULE, Phases, add_backbone_argument, comma_list, derive, fmt_mean_std,
+                     higher_is_better, mean_std, pareto_plot, run_point, verdict, with_backbone,
+                     write_json_atomic)
 
 GROUP_KEYS = ("group", "class", "attribute")
-# Lower is better; not in HIGHER_IS_BETTER because compute_metrics reports the per-group list
-# (fastfair.report reads it the same way).
-DERIVED = {"max_group_loss": False}
-GRID_KEYS = ("rank", "lam", "penalty", "loss_groups", "seed")
-
-
-def higher_is_better(metric: str) -> bool:
-    """Direction of a scalar metric; ``ValueError`` for one without a known direction."""
-    table = {**HIGHER_IS_BETTER, **DERIVED}
-    if metric not in table:
-        raise ValueError(f"metric {metric!r} has no known direction; choose one of {sorted(table)}")
-    return table[metric]
-
-
-def scalar_metrics(m: dict) -> dict:
-    """The scalar entries of a ``compute_metrics`` dict, plus ``max_group_loss``."""
-    out = {k: v for k, v in m.items()
-           if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
-    losses = [v for v in m.get("group_loss") or [] if v is not None]
-    out["max_group_loss"] = max(losses) if losses else None
-    return out
-
-
-def pareto_plot(points, labels, path, x: str, y: str, title: str, colors=None) -> list[int]:
-    """Scatter of ``points`` with their Pareto front drawn; returns the front's indices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(points, (higher_is_better(x), higher_is_better(y)))
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    ok = [i for i, p in enumerate(points) if None not in p]
-    sc = ax.scatter([points[i][0] for i in ok], [points[i][1] for i in ok],
-                    c=None if colors is None else [colors[i] for i in ok],
-                    cmap="viridis" if colors is not None else None, s=36, zorder=2)
-    if colors is not None:
-        fig.colorbar(sc, ax=ax, label="log2 rank")
-    for i in ok:
-        ax.annotate(labels[i], points[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
-    f = sorted(front, key=lambda i: points[i][0])
-    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], "r--", lw=1, zorder=1,
-            label="Pareto front")
-    ax.set_xlabel(f"{x} ({'higher' if higher_is_better(x) else 'lower'} is better)")
-    ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return front
+METHODS = ("erm", "fairlora", "groupdro", "reweight", "jtt", "dfr")
+GRID_KEYS = ("method", "rank", "lam", "penalty", "loss_groups", "seed")
+DEFAULT_RANKS = (1, 4, 16, 64)
 
 
 @dataclass(frozen=True)
@@ -91,18 +42,27 @@ class Point:
     penalty: str
     loss_groups: str
     seed: int
+    method: str = "fairlora"
 
     @property
     def name(self) -> str:
-        if self.lam == 0:
-            return f"r{self.rank}_erm_s{self.seed}"
+        if self.method != "fairlora":
+            return f"r{self.rank}_{self.method}_s{self.seed}"
         return f"r{self.rank}_lam{self.lam:g}_{self.penalty}_{self.loss_groups}_s{self.seed}"
 
+    @property
+    def setting(self) -> str:
+        """The method with its fairness settings: one entry of the method comparison."""
+        if self.method != "fairlora":
+            return self.method
+        return f"fairlora λ={self.lam:g} {self.penalty} {self.loss_groups}"
 
-def grid(ranks, lams, penalties, group_keys, seeds) -> list[Point]:
-    """The grid's points, ``lam = 0`` collapsed to one ERM run per (rank, seed)."""
+
+def _check_grid(ranks, lams, penalties, group_keys, seeds, methods) -> None:
+    from ..losses import PENALTIES
+
     for name, values in (("ranks", ranks), ("lams", lams), ("penalties", penalties),
-                         ("group keys", group_keys), ("seeds", seeds)):
+                         ("group keys", group_keys), ("seeds", seeds), ("methods", methods)):
         if not values:
             raise ValueError(f"the sweep needs at least one of {name}")
     for r in ranks:
@@ -111,82 +71,48 @@ def grid(ranks, lams, penalties, group_keys, seeds) -> list[Point]:
     for lam in lams:
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lambda must be a finite number >= 0, got {lam!r}")
-    for p in penalties:
-        if p not in PENALTIES:
-            raise ValueError(f"penalty must be one of {PENALTIES}, got {p!r}")
-    for g in group_keys:
-        if g not in GROUP_KEYS:
-            raise ValueError(f"group key must be one of {GROUP_KEYS}, got {g!r}")
+    for values, allowed, what in ((penalties, PENALTIES, "penalty"), (group_keys, GROUP_KEYS, "group key"),
+                                  (methods, METHODS, "method")):
+        for v in values:
+            if v not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got {v!r}")
+
+
+def grid(ranks, lams, penalties, group_keys, seeds, methods=("fairlora",)) -> list[Point]:
+    """The grid's points. ``lam = 0`` FairLoRA is ERM, so ERM runs once per (rank, seed) whatever
+    the penalty and group key; methods other than FairLoRA take no lambda, penalty or group key."""
+    _check_grid(ranks, lams, penalties, group_keys, seeds, methods)
     points = []
-    for r, lam, p, g, s in itertools.product(ranks, lams, penalties, group_keys, seeds):
-        pt = Point(r, 0.0, "none", "group", s) if lam == 0 else Point(r, float(lam), p, g, s)
+    for m, r, lam, p, g, s in itertools.product(methods, ranks, lams, penalties, group_keys, seeds):
+        if m == "erm" or (m == "fairlora" and lam == 0):
+            pt = Point(r, 0.0, "none", "group", s, "erm")
+        elif m == "fairlora":
+            pt = Point(r, float(lam), p, g, s)
+        else:
+            pt = Point(r, 0.0, "none", "group", s, m)
         if pt not in points:
             points.append(pt)
     return points
 
 
 def point_config(base: TrainConfig, pt: Point, sweep_dir) -> TrainConfig:
-    return TrainConfig(**{**base.to_dict(), "finetune": "lora", "rank": pt.rank, "lam": pt.lam,
-                          "penalty": pt.penalty, "loss_groups": pt.loss_groups, "seed": pt.seed,
-                          "output_dir": str(Path(sweep_dir) / pt.name)}).validate()
+    return derive(base, method=pt.method, finetune="lora", rank=pt.rank, lam=pt.lam, penalty=pt.penalty,
+                  loss_groups=pt.loss_groups, seed=pt.seed, output_dir=str(Path(sweep_dir) / pt.name))
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _plain(d: dict) -> dict:
-    return json.loads(json.dumps(d))
-
-
-def run_point(cfg: TrainConfig, datasets=None, stale: str = "error") -> dict:
-    """Train one run unless its ``result.json`` exists; returns that result.
-
-    A run dir holding another config (finished, or a checkpoint to resume) is an error with
-    ``stale='error'`` (a sweep whose base config changed) and is deleted with ``'replace'``.
-    """
-    import yaml
-    from accelerate import PartialState
-
-    from ..trainer import latest_checkpoint, train
-
-    state = PartialState()
-    out = Path(cfg.output_dir)
-    want = _plain(cfg.to_dict())
-    result_path, config_path = out / "result.json", out / "config.yaml"
-    held = None
-    if result_path.is_file():
-        held = json.loads(result_path.read_text())["config"]
-    elif config_path.is_file():
-        held = _plain(yaml.safe_load(config_path.read_text()) or {})
-    if held is not None and held != want:
-        if stale != "replace":
-            diff = sorted(k for k in want if held.get(k) != want[k])
-            raise ValueError(f"{out} holds a run with another config (keys {diff}); "
-                             "sweep into a new directory")
-        held = None
-    if held is not None and result_path.is_file():
-        return json.loads(result_path.read_text())
-    resume = str(out) if held is not None and latest_checkpoint(out) is not None else None
-    if resume is None and out.exists():
-        # killed before its first checkpoint, or stale: nothing to keep (metrics.jsonl appends)
-        if state.is_main_process:
-            shutil.rmtree(out)
-        state.wait_for_everyone()
-    res = train(cfg, resume=resume, datasets=datasets)
-    result = {"config": want, "output_dir": str(out),
-              "val": scalar_metrics(res["val"]), "test": scalar_metrics(res["test"])}
-    if state.is_main_process:
-        write_json_atomic(result_path, result)
-    state.wait_for_everyone()
-    return result
+def run_points(base: TrainConfig, points, sweep_dir, datasets=None, workflow: str = "sweep") -> list[dict]:
+    """Train (or reuse) every point under ``sweep_dir``; one row per point."""
+    phase = Phases(workflow, len(points))
+    rows = []
+    for pt in points:
+        phase(f"{pt.setting}, rank {pt.rank}, seed {pt.seed}")
+        rows.append(row_of(pt, run_point(point_config(base, pt, sweep_dir), datasets=datasets)))
+    return rows
 
 
 def row_of(pt: Point, result: dict) -> dict:
-    row = {"run": pt.name, "rank": pt.rank, "lam": pt.lam, "penalty": pt.penalty,
-           "loss_groups": pt.loss_groups if pt.lam else "-", "seed": pt.seed}
+    row = {"run": pt.name, "method": pt.method, "setting": pt.setting, "rank": pt.rank, "lam": pt.lam,
+           "penalty": pt.penalty, "loss_groups": pt.loss_groups if pt.lam else "-", "seed": pt.seed}
     for split in ("val", "test"):
         for k, v in result[split].items():
             row[f"{split}/{k}"] = v
@@ -212,89 +138,219 @@ def write_table(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str) 
     (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")
 
 
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+def setting_of(row: dict) -> str:
+    """A row's setting; rows written before the method axis have none and are FairLoRA/ERM."""
+    if row.get("setting"):
+        return row["setting"]
+    if not row["lam"]:
+        return "erm"
+    return f"fairlora λ={row['lam']:g} {row['penalty']} {row['loss_groups']}"
+
+
+def _rank_cells(mine, ranks, key, erm, is_erm) -> tuple[dict, list[str]]:
+    """Per rank: (mean, sample std) over seeds and the cell text, with the mean paired change
+    against ERM at the same rank and seed."""
+    stats, cells = {}, []
+    for k in ranks:
+        at = [r for r in mine if r["rank"] == k]
+        m, s = mean_std(r.get(key) for r in at)
+        if m is None:
+            cells.append("-")
+            continue
+        stats[k] = (m, s)
+        cell = fmt_mean_std(m, s, 4)
+        if not is_erm:
+            d, _ = mean_std(r[key] - erm[(k, r["seed"])] for r in at
+                            if r.get(key) is not None and erm.get((k, r["seed"])) is not None)
+            if d is not None:
+                cell += f" ({d:+.4f})"
+        cells.append(cell)
+    return stats, cells
+
+
+def _best_rank(stats: dict, higher: bool):
+    """The best rank, or ``"tie"`` when it beats the runner-up by no more than the seed spread
+    (the larger sample std of the two); with one seed the spread is unknown and the best stands."""
+    order = sorted(stats, key=lambda k: stats[k][0], reverse=higher)
+    if len(order) < 2:
+        return order[0], "-", "-"
+    (m1, s1), (m2, s2) = stats[order[0]], stats[order[1]]
+    margin = abs(m1 - m2)
+    spread = None if s1 is None or s2 is None else max(s1, s2)
+    best = "tie" if margin == 0 or verdict(margin, spread) == "tie" else order[0]
+    return best, f"{margin:.4f}", "-" if spread is None else f"{spread:.4f}"
+
+
+def _rank_verdict(best_ranks: dict, n_ranks: int, n_seeds: int) -> list[str]:
+    ties = [k for k, b in best_ranks.items() if b == "tie"]
+    distinct = sorted({b for b in best_ranks.values() if b != "tie"})
+    if n_ranks < 2:
+        lines = ["Only one rank in the sweep: nothing to compare."]
+    elif not distinct:
+        lines = ["Every setting is a tie between ranks: the metric does not tell ranks apart here."]
+    elif len(best_ranks) - len(ties) < 2:
+        lines = [f"Only one setting tells the ranks apart (best rank {distinct[0]}): whether the "
+                 "best rank is universal cannot be read from this sweep."]
+    elif len(distinct) == 1:
+        lines = [f"Rank {distinct[0]} is best in every setting without a tie: on this data the "
+                 "best rank looks universal."]
+    else:
+        lines = [f"The best rank differs between settings ({', '.join(map(str, distinct))}): "
+                 "no single rank is best everywhere."]
+    if ties:
+        lines.append(f"{len(ties)} of {len(best_ranks)} settings tie between their two best ranks.")
+    if n_seeds < 2:
+        lines.append("One seed per point: the seed spread is unknown, so no difference above is "
+                     "established (run several seeds).")
+    return lines
 
 
 def summarize(rows: list[dict], metric: str = "worst_group_accuracy", split: str = "test") -> str:
-    """Per setting (penalty, lambda, group key; ERM is lam = 0): the metric by rank as mean ± std
-    over seeds, its change against ERM at the same rank and seed, and the best rank; then
-    whether one rank is best in every setting."""
+    """Per setting (method, and FairLoRA's penalty, lambda, group key): the metric by rank as
+    mean ± sample std over seeds, its change against ERM at the same rank and seed, and the best
+    rank (a tie when it wins by no more than the seed spread); then whether one rank is best in
+    every setting."""
     higher = higher_is_better(metric)
     key = f"{split}/{metric}"
     ranks = sorted({r["rank"] for r in rows})
-    erm = {(r["rank"], r["seed"]): r.get(key) for r in rows if r["lam"] == 0}
-    settings = sorted({(r["penalty"], r["lam"], r["loss_groups"]) for r in rows},
-                      key=lambda s: (s[1], s[0], s[2]))
-    head = ["penalty", "lam", "groups"] + [f"rank {k}" for k in ranks] + ["best rank", "margin", "seed std"]
+    erm = {(r["rank"], r["seed"]): r.get(key) for r in rows if setting_of(r) == "erm"}
+    settings = list(dict.fromkeys(setting_of(r) for r in sorted(rows, key=lambda r: (r["lam"], setting_of(r)))))
+    head = ["setting"] + [f"rank {k}" for k in ranks] + ["best rank", "margin", "seed std"]
     lines = [f"Which rank is best on {split} {metric} ({'higher' if higher else 'lower'} is better)? "
-             "Cells: mean ± std over seeds, and in brackets the mean change against ERM (lam=0) at "
+             "Cells: mean ± sample std over seeds, and in brackets the mean change against ERM at "
              "the same rank and seed. 'margin' = best minus runner-up mean; 'seed std' = the "
-             "largest seed std of those two.", "",
+             f"larger seed std of those two; {TIE_RULE}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best_ranks = {}
-    noisy = []
-    for pen, lam, groups in settings:
-        mine = [r for r in rows if (r["penalty"], r["lam"], r["loss_groups"]) == (pen, lam, groups)]
-        stats, cells = {}, []
-        for k in ranks:
-            at = [r for r in mine if r["rank"] == k]
-            m, s = _mean_std([r.get(key) for r in at])
-            if m is None:
-                cells.append("-")
-                continue
-            stats[k] = (m, s)
-            cell = f"{m:.4f} ± {s:.4f}"
-            if lam:
-                d, _ = _mean_std([r[key] - erm[(k, r["seed"])] for r in at
-                                  if r.get(key) is not None and erm.get((k, r["seed"])) is not None])
-                if d is not None:
-                    cell += f" ({d:+.4f})"
-            cells.append(cell)
+    for setting in settings:
+        mine = [r for r in rows if setting_of(r) == setting]
+        stats, cells = _rank_cells(mine, ranks, key, erm, setting == "erm")
         if not stats:
             continue
-        order = sorted(stats, key=lambda k: stats[k][0], reverse=higher)
-        best = order[0]
-        margin = std = "-"
-        if len(order) > 1:
-            margin = abs(stats[best][0] - stats[order[1]][0])
-            std = max(stats[best][1], stats[order[1]][1])
-            if margin == 0:
-                best = "tie"
-            elif margin <= std:
-                noisy.append((pen, lam, groups))
-            margin, std = f"{margin:.4f}", f"{std:.4f}"
-        best_ranks[(pen, lam, groups)] = best
-        lines.append(f"| {pen if lam else 'ERM'} | {lam:g} | {groups} | " + " | ".join(cells)
-                     + f" | {best} | {margin} | {std} |")
-    lines.append("")
-    ties = [k for k, b in best_ranks.items() if b == "tie"]
-    distinct = sorted({b for b in best_ranks.values() if b != "tie"})
-    if len(ranks) < 2:
-        lines.append("Only one rank in the sweep: nothing to compare.")
-    elif not distinct:
-        lines.append("Every setting is a tie between ranks: the metric does not tell ranks apart here.")
-    elif len(best_ranks) - len(ties) < 2:
-        lines.append(f"Only one setting tells the ranks apart (best rank {distinct[0]}): whether the "
-                     "best rank is universal cannot be read from this sweep.")
-    elif len(distinct) == 1:
-        lines.append(f"Rank {distinct[0]} is best in every setting without a tie: on this data the "
-                     "best rank looks universal.")
-    else:
-        lines.append(f"The best rank differs between settings ({', '.join(map(str, distinct))}): "
-                     "no single rank is best everywhere.")
-    if ties:
-        lines.append(f"{len(ties)} of {len(best_ranks)} settings tie between their two best ranks.")
-    if len({r["seed"] for r in rows}) < 2:
-        lines.append("One seed per point: the seed noise is unknown, so no difference above is "
-                     "established (run several seeds).")
-    elif noisy:
-        lines.append(f"In {len(noisy)} of {len(best_ranks)} settings the best rank wins by no more "
-                     "than the seed std: there the choice of rank is within seed noise.")
+        best, margin, spread = _best_rank(stats, higher)
+        best_ranks[setting] = best
+        lines.append(f"| {'ERM' if setting == 'erm' else setting} | " + " | ".join(cells)
+                     + f" | {best} | {margin} | {spread} |")
+    lines += [""] + _rank_verdict(best_ranks, len(ranks), len({r["seed"] for r in rows}))
     return "\n".join(lines) + "\n"
+
+
+# -- methods side by side ------------------------------------------------------------------------
+METHOD_METRICS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference")
+PAIRED = ("accuracy", "worst_group_accuracy")
+
+
+def summarize_methods(rows: list[dict], split: str = "test") -> list[dict]:
+    """Per (setting, rank): each metric's mean and sample std over seeds, and for accuracy and
+    worst-group accuracy the paired change against ERM at the same rank and seed (per seed, mean,
+    sample std of the changes and the verdict: a change within that spread is a tie)."""
+    erm = {(r["rank"], r["seed"]): r for r in rows if setting_of(r) == "erm"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((setting_of(r), r["rank"]), []).append(r)
+    out = []
+    for (setting, rank), sel in sorted(groups.items(), key=lambda kv: (kv[0][0] != "erm", kv[0][1])):
+        s = {"setting": setting, "rank": rank, "n_seeds": len(sel), "seeds": [r["seed"] for r in sel]}
+        for m in METHOD_METRICS:
+            s[m], s[m + "_std"] = mean_std(r.get(f"{split}/{m}") for r in sel)
+        for m in PAIRED:
+            key = f"{split}/{m}"
+            per_seed = {r["seed"]: r[key] - erm[(rank, r["seed"])][key] for r in sel
+                        if (rank, r["seed"]) in erm and r.get(key) is not None
+                        and erm[(rank, r["seed"])].get(key) is not None}
+            d, sd = mean_std(per_seed.values())
+            s[f"vs_erm/{m}"] = {"per_seed": per_seed, "mean": d, "std": sd,
+                                "verdict": "-" if setting == "erm" else verdict(d, sd, higher_is_better(m))}
+        out.append(s)
+    return out
+
+
+def methods_table(summary: list[dict], split: str = "test") -> str:
+    """Markdown: mean ± sample std per metric, n seeds, and the paired change against ERM."""
+    ranks = {s["rank"] for s in summary}
+    head = ["method"] + (["rank"] if len(ranks) > 1 else []) + ["n seeds"] + list(METHOD_METRICS) + \
+        [f"Δ {m} vs ERM" for m in PAIRED]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["setting"]] + ([str(s["rank"])] if len(ranks) > 1 else []) + [str(s["n_seeds"])]
+        cells += [fmt_mean_std(s[m], s[m + "_std"]) for m in METHOD_METRICS]
+        for m in PAIRED:
+            c = s[f"vs_erm/{m}"]
+            if s["setting"] == "erm" or c["mean"] is None:
+                cells.append("-")
+            else:
+                spread = f" ± {c['std']:.3f}" if c["std"] is not None else ""
+                cells.append(f"{c['mean']:+.3f}{spread} ({c['verdict']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({n for s in summary for n in s["seeds"]})
+    note = (f"{split} split, seeds {seeds}: mean ± sample std over seeds. Δ: the change against ERM at the "
+            f"same rank and seed, mean ± sample std of those paired changes; {TIE_RULE}.")
+    if len(seeds) < 2:
+        note += " One seed: the spread is unknown, so no difference is established."
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def methods_plot(summary: list[dict], path, split: str = "test") -> None:
+    """Worst-group against mean accuracy, one marker per method (and rank), error bars of the
+    sample std over seeds where there are several; a legend instead of labels, so none overlap."""
+    from .common import figure
+
+    fig = figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    multi_rank = len({s["rank"] for s in summary}) > 1
+    markers = "osD^vP*Xh<>p"
+    n_seeds = sorted({s["n_seeds"] for s in summary})
+    for i, s in enumerate(summary):
+        if s["accuracy"] is None or s["worst_group_accuracy"] is None:
+            continue
+        several = s["n_seeds"] > 1
+        ax.errorbar(s["accuracy"], s["worst_group_accuracy"],
+                    xerr=s["accuracy_std"] if several else None, yerr=s["worst_group_accuracy_std"] if several else None,
+                    fmt=markers[i % len(markers)], ms=7, capsize=3, color=f"C{i % 10}",
+                    label=s["setting"] + (f", rank {s['rank']}" if multi_rank else ""))
+    ax.set_xlabel(f"{split} accuracy (higher is better)")
+    ax.set_ylabel(f"{split} worst-group accuracy (higher is better)")
+    bars = ("error bars: sample std over " + "/".join(map(str, n_seeds)) + " seeds") if max(n_seeds) > 1 \
+        else "one seed: no error bars"
+    ax.set_title(f"Methods side by side ({bars})", fontsize=9)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_method_comparison(rows: list[dict], out_dir: Path, split: str = "test") -> dict:
+    """``methods.md``, ``methods.json`` and ``methods.png`` under ``out_dir``; returns the summary
+    and the table."""
+    summary = summarize_methods(rows, split)
+    table = methods_table(summary, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "methods.md").write_text(table)
+    write_json_atomic(out_dir / "methods.json", {"split": split, "summary": summary, "rows": rows})
+    methods_plot(summary, out_dir / "methods.png", split)
+    return {"summary": summary, "table": table}
+
+
+def compare_methods(base_cfg: TrainConfig, methods, seeds, out_dir, datasets=None, backbone_weights=None,
+                    split: str = "test") -> dict:
+    """Each method at the base config over ``seeds``, side by side (ERM is added when missing:
+    every method is compared with it, seed by seed). FairLoRA takes the config's lambda (1 when
+    it is 0). Runs resume like the sweep's. Writes ``methods.{md,json,png}`` under ``out_dir``,
+    prints the table and returns ``{"rows", "summary", "table", "out_dir"}``."""
+    from accelerate import PartialState
+
+    methods = list(dict.fromkeys(["erm", *methods]))
+    base = derive(base_cfg, checkpoint=str(backbone_weights)) if backbone_weights is not None else base_cfg
+    out_dir = Path(out_dir)
+    points = grid([base.rank], [base.lam or 1.0], [base.penalty], [base.loss_groups], list(seeds), methods)
+    rows = run_points(base, points, out_dir, datasets, workflow="methods")
+    result = {"rows": rows, "summary": None, "table": None, "out_dir": str(out_dir)}
+    if PartialState().is_main_process:
+        result.update(write_method_comparison(rows, out_dir, split))
+        print("\n" + result["table"], flush=True)
+    return result
 
 
 def load_rows(sweep_dir) -> list[dict]:
@@ -307,7 +363,7 @@ def load_rows(sweep_dir) -> list[dict]:
         for r in csv.DictReader(f):
             row = {}
             for k, v in r.items():
-                if k in ("run", "penalty", "loss_groups"):
+                if k in ("run", "method", "setting", "penalty", "loss_groups"):
                     row[k] = v
                 elif k in ("rank", "seed"):
                     row[k] = int(v)
@@ -318,7 +374,10 @@ def load_rows(sweep_dir) -> list[dict]:
 
 
 def finish_sweep(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str, split: str) -> str:
-    """Tables, plots and summary of the collected rows (main process)."""
+    """Tables, plots and summary of the collected rows (main process); with several methods also
+    their side-by-side comparison (``methods.{md,json,png}``)."""
+    from ..report import compare_runs
+
     write_table(rows, sweep_dir, x, y, metric)
     points = [(r.get(f"{split}/{x}"), r.get(f"{split}/{y}")) for r in rows]
     labels = [r["run"] for r in rows]
@@ -330,15 +389,20 @@ def finish_sweep(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str,
                  split=split, labels=[r["run"] for r in rows])
     text = summarize(rows, metric, split)
     (sweep_dir / "summary.md").write_text(text)
+    # every setting against ERM, paired by rank and seed; printed when methods beyond FairLoRA ran
+    table = write_method_comparison(rows, sweep_dir, split)["table"]
+    if {r.get("method") for r in rows} - {"erm", "fairlora", None}:
+        text += "\nMethods side by side (methods.md, methods.png):\n\n" + table
     return text
 
 
-def sweep(base: TrainConfig, sweep_dir, ranks=(1, 4, 16, 64), lams=(0.0, 1.0), penalties=("variance",),
+def sweep(base: TrainConfig, sweep_dir, ranks=DEFAULT_RANKS, lams=(0.0, 1.0), penalties=("variance",),
           group_keys=("group",), seeds=(0,), x: str = "accuracy", y: str = "worst_group_accuracy",
-          metric: str | None = None, split: str = "test", datasets=None) -> list[dict]:
-    """Run (or resume) the grid under ``sweep_dir`` and write its tables, plot and summary.
+          metric: str | None = None, split: str = "test", datasets=None, methods=("fairlora",)) -> list[dict]:
+    """Run (or resume) the grid under ``sweep_dir`` and write its tables, plots and summary.
 
     Returns one row per run. ``datasets`` (``{"train", "val", "test"}``) replaces the config's.
+    ``methods``: a grid axis (``METHODS``); FairLoRA at lambda 0 is ERM.
     """
     from accelerate import PartialState
 
@@ -348,34 +412,40 @@ def sweep(base: TrainConfig, sweep_dir, ranks=(1, 4, 16, 64), lams=(0.0, 1.0), p
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     sweep_dir = Path(sweep_dir)
-    points = grid(list(ranks), list(lams), list(penalties), list(group_keys), list(seeds))
-    rows = []
-    for i, pt in enumerate(points):
-        cfg = point_config(base, pt, sweep_dir)
-        if PartialState().is_main_process:
-            print(f"fastfair sweep: [{i + 1}/{len(points)}] {pt.name}", flush=True)
-        rows.append(row_of(pt, run_point(cfg, datasets=datasets)))
+    points = grid(list(ranks), list(lams), list(penalties), list(group_keys), list(seeds), list(methods))
+    rows = run_points(base, points, sweep_dir, datasets)
     if PartialState().is_main_process:
         print(finish_sweep(rows, sweep_dir, x, y, metric, split), flush=True)
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastfair sweep", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML train config every run starts from; flags override it")
-    p.add_argument("--ranks", type=comma_list(int), default=[1, 4, 16, 64])
-    p.add_argument("--lams", type=comma_list(float), default=[0.0, 1.0], help="lambda values (0 = ERM)")
-    p.add_argument("--penalties", type=comma_list(str), default=["variance"], help=f"of {PENALTIES}")
-    p.add_argument("--group-keys", type=comma_list(str), default=["group"],
-                   help=f"loss group keys, of {GROUP_KEYS}")
-    p.add_argument("--seeds", type=comma_list(int), default=[0])
-    p.add_argument("--x", default="accuracy", help="Pareto plot x metric")
-    p.add_argument("--y", default="worst_group_accuracy", help="Pareto plot y metric")
-    p.add_argument("--metric", help="bias metric the summary ranks by (default: --y)")
-    p.add_argument("--split", default="test", choices=("val", "test"), help="split of plot and summary")
-    p.add_argument("--summarize-only", action="store_true",
-                   help="re-read sweep.csv of the sweep dir and rewrite plot and summary, no training")
+    p = argparse.ArgumentParser(
+        prog="fastfair sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example (the docs' set-up, methods side by side): fastfair sweep --backbone pretrain "
+               "--methods erm,fairlora,groupdro,reweight,jtt,dfr --seeds 0,1,2")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--config", help="YAML train config every run starts from; flags override it")
+    g.add_argument("--ranks", type=comma_list(int), default=None,
+                   help="LoRA ranks (default: 1,4,16,64; with --methods, the config's --rank)")
+    g.add_argument("--lams", type=comma_list(float), default=[0.0, 1.0],
+                   help="FairLoRA lambda values, 0 = ERM (default: %(default)s)")
+    g.add_argument("--penalties", type=comma_list(str), default=["variance"],
+                   help="FairLoRA penalties, of --penalty's choices (default: %(default)s)")
+    g.add_argument("--group-keys", type=comma_list(str), default=["group"],
+                   help=f"loss group keys, of {GROUP_KEYS} (default: %(default)s)")
+    g.add_argument("--methods", type=comma_list(str), default=None,
+                   help=f"methods side by side, of {METHODS}; adds methods.md/png with each method's "
+                        "paired change against ERM (default: fairlora, i.e. the lams above)")
+    g.add_argument("--seeds", type=comma_list(int), default=[0], help="seeds (default: %(default)s)")
+    g.add_argument("--x", default="accuracy", help="Pareto plot x metric (default: %(default)s)")
+    g.add_argument("--y", default="worst_group_accuracy", help="Pareto plot y metric (default: %(default)s)")
+    g.add_argument("--metric", help="bias metric the summary ranks by (default: --y)")
+    g.add_argument("--split", default="test", choices=("val", "test"),
+                   help="split of plots and summary (default: %(default)s)")
+    g.add_argument("--summarize-only", action="store_true",
+                   help="re-read sweep.csv of the sweep dir and rewrite plots and summary, no training")
+    add_backbone_argument(g)
     add_config_arguments(p)
     return p
 
@@ -388,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize_only:
         print(finish_sweep(load_rows(sweep_dir), sweep_dir, args.x, args.y, args.metric or args.y, args.split))
         return 0
+    cfg = with_backbone(cfg, args.backbone)
+    ranks = args.ranks or ([cfg.rank] if args.methods else list(DEFAULT_RANKS))
     # --data-seed (a config key) fixes the split and colors: the data is built once and --seeds
     # vary only initialization and order; without it each run's seed also draws its data
     datasets = None
@@ -395,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..trainer import build_datasets_for
 
         datasets = build_datasets_for(cfg)
-    sweep(cfg, sweep_dir, args.ranks, args.lams, args.penalties, args.group_keys, args.seeds,
-          x=args.x, y=args.y, metric=args.metric, split=args.split, datasets=datasets)
+    sweep(cfg, sweep_dir, ranks, args.lams, args.penalties, args.group_keys, args.seeds,
+          x=args.x, y=args.y, metric=args.metric, split=args.split, datasets=datasets,
+          methods=args.methods or ("fairlora",))
     return 0

@@ -1,32 +1,34 @@
-"""``fastfair tune``: FairTune, choose what to fine-tune by validation fairness (optuna).
+"""fastfair tune: FairTune, choose what to fine-tune by validation fairness (optuna).
 
 Stage one is an optuna study. A trial picks, for each transformer block, what is trained:
-``frozen``, LoRA on the attention (``attn``: qkv, proj), on the MLP (``mlp``: fc1, fc2) or on
-``both``, with a rank per block; with ``--allow-full`` also full fine-tuning of the block's
-attention, MLP, LayerNorms or the whole block, as FairTune's mask did. It also picks the
-learning rate, log-uniform in 1e-5..1e-2 by default (FairTune used 1e-5..1e-3; ``--lr-range``).
-The head is always trained. A trial is one training run scored on the *validation* split, on
-pooled predictions: worst-group accuracy by default, or another metric, or two at once
-(NSGA-II, Pareto front). Single-objective studies report the validation metric every epoch
-and prune with optuna's median rule. The study lives in ``<out>/study.db`` (SQLite): run the
-same command again and it resumes, counting finished (complete or pruned) trials against
-``--n-trials``; a trial left running by a killed process is marked failed and not counted.
+frozen, LoRA on the attention (attn: qkv, proj), on the MLP (mlp: fc1, fc2) or on both, with a
+rank per block; with --allow-full also full fine-tuning of the block's attention, MLP,
+LayerNorms or the whole block, as FairTune's mask did. It also picks the learning rate,
+log-uniform in --lr-range. The head is always trained. A trial is one training run scored on
+the validation split, on pooled predictions: worst-group accuracy by default, or another
+metric, or two at once (NSGA-II, Pareto front). Single-objective studies report the validation
+metric every epoch and prune with optuna's median rule. The study lives in <out>/study.db
+(SQLite): run the same command again and it resumes, counting finished (complete or pruned)
+trials against --n-trials; a trial left running by a killed process is marked failed.
 
-Stage two retrains the best configuration from scratch (``--final-epochs``) and reports on the
-test split. Output: ``best_config.yaml`` (for ``fastfair train --config``), ``trials.csv``,
-``pareto.png`` (two objectives), ``trials/trial_NNNN/`` and the stage-two run ``best/``.
+Stage two retrains the best configuration from scratch (--final-epochs) and reports on the
+test split. Output under --output-dir (default runs/tune):
+  summary.md         best trial, optuna's parameter importance, the test comparison with the
+                     base config (--compare-baseline)
+  study.png          optimization history (one objective) or the trials' Pareto front (two)
+  best_config.yaml   for fastfair train --config
+  trials.csv         every trial; trials/trial_NNNN/ its run; best/ the stage-two run
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import math
 from pathlib import Path
 
 from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import comma_list
-from .sweep import higher_is_better, pareto_plot, run_point, scalar_metrics
+from .common import (Phases, add_backbone_argument, comma_list, derive, fmt_mean_std, higher_is_better,
+                     pareto_plot, run_config, run_point, scalar_metrics, with_backbone)
 
 LORA_CHOICES = ("frozen", "attn", "mlp", "both")
 FULL_CHOICES = ("full_attn", "full_mlp", "full_norm", "full_block")
@@ -47,7 +49,7 @@ def vit_depth(cfg: TrainConfig, num_classes: int) -> int:
 
     from ..models import create_backbone
 
-    probe = dataclasses.replace(cfg, pretrained=False, checkpoint=None)
+    probe = derive(cfg, pretrained=False, checkpoint=None)
     with torch.device("meta"):
         model = create_backbone(probe, num_classes=num_classes)
     blocks = getattr(model, "blocks", None)
@@ -106,12 +108,20 @@ def trial_config(base: TrainConfig, params: dict, depth: int, output_dir) -> Tra
         raise ValueError(f"unknown trial parameter(s) {extra} for a model of depth {depth}")
     if "lr" not in params:
         raise ValueError("trial parameters lack 'lr'")
-    values = {**base.to_dict(), "targets": targets, "rank_pattern": rank_pattern, "exclude": [],
-              "trainable": trainable, "lr": float(params["lr"]), "output_dir": str(output_dir),
-              "finetune": "lora" if targets else "linear"}
+    changes = dict(targets=targets, rank_pattern=rank_pattern, exclude=[], trainable=trainable,
+                   lr=float(params["lr"]), output_dir=str(output_dir), finetune="lora" if targets else "linear")
     if rank_pattern:
-        values["rank"] = max(rank_pattern.values())
-    return TrainConfig(**values).validate()
+        changes["rank"] = max(rank_pattern.values())
+    return derive(base, **changes)
+
+
+def describe(params: dict, depth: int) -> str:
+    """One short line for a trial: each block's choice (with its rank) and the learning rate."""
+    blocks = []
+    for i in range(depth):
+        mode = params.get(f"block{i}")
+        blocks.append(f"{mode}:{params[f'rank{i}']}" if f"rank{i}" in params else str(mode))
+    return f"blocks [{' '.join(blocks)}], lr {params['lr']:.2g}"
 
 
 def objective_value(val_metrics: dict, name: str) -> float:
@@ -175,14 +185,13 @@ def run_trials(base: TrainConfig, out: Path, n_trials: int, objectives, depth: i
     from accelerate import PartialState
     from optuna.trial import TrialState
 
-    from ..trainer import train
-
     main = PartialState().is_main_process
     multi = len(objectives) > 1
     search = {"ranks": list(ranks), "allow_full": bool(allow_full), "lr_range": [float(v) for v in lr_range],
               "depth": depth}
     study = open_study(out, objectives, base.seed, population_size, pruner, search) if main else None
     remaining = _broadcast(max(n_trials - len(done_trials(study)), 0) if main else None)
+    phase = Phases("tune", remaining)
     for _ in range(remaining):
         trial = study.ask() if main else None
         number, params = _broadcast((trial.number, suggest_params(trial, depth, ranks, allow_full, lr_range))
@@ -203,10 +212,9 @@ def run_trials(base: TrainConfig, out: Path, n_trials: int, objectives, depth: i
             pruned = bool(_broadcast(stop))
             return pruned
 
-        if main:
-            print(f"fastfair tune: trial {number} {params}", flush=True)
+        phase(f"trial #{number}: {describe(params, depth)}")
         try:
-            res = train(cfg, datasets=datasets, on_epoch_end=on_epoch_end)
+            res = run_config(cfg, datasets=datasets, on_epoch_end=on_epoch_end)
         except BaseException:
             if main:  # not counted as done: a resumed study runs another trial in its place
                 study.tell(trial, state=TrialState.FAIL)
@@ -256,20 +264,9 @@ def write_trials(study, objectives, path: Path) -> list[dict]:
     return rows
 
 
-def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_accuracy",),
-         ranks=(2, 4, 8, 16), allow_full: bool = False, lr_range=(1e-5, 1e-2), pruner="median",
-         population_size: int = 10, final_epochs: int | None = None, retrain: bool = True,
-         compare_baseline: bool = False, datasets=None) -> dict:
-    """Run (or resume) the study, then retrain the best configuration and report on test.
-
-    Returns ``{"best_params", "best_values", "best_config", "final", "baseline"}`` (``final``
-    and ``baseline``: ``run_point`` results with val/test scalars; ``None`` when not run).
-    ``pruner``: ``"median"``, ``"none"`` or an optuna pruner.
-    """
+def _check_tune_args(objectives, n_trials, ranks, lr_range, pruner):
+    """Validated objectives, lr range and pruner object; errors name the bad value."""
     import optuna
-    from accelerate import PartialState
-
-    from ..trainer import build_datasets_for, side_by_side
 
     objectives = list(objectives)
     if not 1 <= len(objectives) <= 2:
@@ -289,6 +286,120 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
             raise ValueError(f"pruner must be 'median' or 'none', got {pruner!r}")
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
                   if pruner == "median" else optuna.pruners.NopPruner())
+    return objectives, (lo, hi), pruner
+
+
+def importances(study, objectives) -> dict | None:
+    """optuna's parameter importance (its default evaluator) of the complete trials for the
+    fairness objective (the last); ``None`` with fewer than two complete trials or parameters
+    that never varied."""
+    import warnings
+
+    import optuna
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return None
+    target = None
+    if len(objectives) > 1:  # a target is read as lower-is-better
+        sign = -1.0 if higher_is_better(objectives[-1]) else 1.0
+        target = lambda t: sign * t.values[-1]  # noqa: E731
+    with warnings.catch_warnings():  # "few trials per regime": summary.md says they are rough
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"optuna\.importance")
+        try:
+            return optuna.importance.get_param_importances(study, target=target)
+        except (RuntimeError, ValueError):  # e.g. every trial drew the same values
+            return None
+
+
+def plot_study(study, objectives, out: Path) -> Path:
+    """``study.png``: optuna's optimization history (one objective), or the trials' Pareto front."""
+    import optuna
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    path = out / "study.png"
+    if len(objectives) == 2:
+        pareto_plot([tuple(t.values) for t in complete], [f"#{t.number}" for t in complete],
+                    path, objectives[0], objectives[1], "FairTune trials on the validation split")
+        return path
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(
+            study, target_name=f"validation {objectives[0]}")
+    ax.set_title(f"FairTune study: validation {objectives[0]} per trial "
+                 f"({'higher' if higher_is_better(objectives[0]) else 'lower'} is better)", fontsize=9)
+    ax.figure.set_size_inches(6.4, 4.0)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
+    return path
+
+
+def summary_markdown(study, objectives, best, result: dict) -> str:
+    """``summary.md``: the best trial, parameter importance and the test comparison of stage two."""
+    counts = {}
+    for t in study.trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    lines = ["# FairTune study", "",
+             f"Trials: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}. Objective(s) on the "
+             f"validation split: {', '.join(objectives)}.", "",
+             f"## Best trial: #{best.number}", "", "| | value |", "|---|---|"]
+    lines += [f"| validation {o} | {v:.4f} |" for o, v in zip(objectives, best.values)]
+    lines += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()]
+    imp = importances(study, objectives)
+    lines += ["", f"## Parameter importance (optuna, for {objectives[-1]})", ""]
+    if imp is None:
+        lines.append("Not computed: fewer than two complete trials, or no parameter varied.")
+    else:
+        lines += ["| parameter | importance |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in imp.items()]
+        lines.append(f"\nOn {sum(1 for t in study.trials if t.values)} trials: with few trials "
+                     "these are rough, and they say what moved the objective, not by how much.")
+    lines += ["", "## Stage two (test split, one seed)", ""]
+    lines += [baseline_table(result["final"], result["baseline"])] if result["final"] else \
+        ["Not run (--no-retrain)."]
+    return "\n".join(lines) + "\n"
+
+
+def baseline_table(final: dict, baseline: dict | None, split: str = "test") -> str:
+    """Test metrics of the tuned run beside the base config's (when run) and their difference."""
+    from ..trainer import SUMMARY_KEYS
+
+    head = "| metric | tuned (best/) |" + (" base config (baseline/) | tuned − base |" if baseline else "")
+    lines = [head, "|---|---|" + ("---|---|" if baseline else "")]
+    for key in SUMMARY_KEYS:
+        v = final[split].get(key)
+        cells = [fmt_mean_std(v, None, 4)]
+        if baseline:
+            b = baseline[split].get(key)
+            cells += [fmt_mean_std(b, None, 4), "n/a" if v is None or b is None else f"{v - b:+.4f}"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if baseline:
+        lines.append("\nOne seed each: the seed spread is unknown, so the difference is not established; "
+                     "repeat with other --seed values before reading it as an effect.")
+    return "\n".join(lines)
+
+
+def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_accuracy",),
+         ranks=(2, 4, 8, 16), allow_full: bool = False, lr_range=(1e-5, 1e-2), pruner="median",
+         population_size: int = 10, final_epochs: int | None = None, retrain: bool = True,
+         compare_baseline: bool = False, datasets=None) -> dict:
+    """Run (or resume) the study, then retrain the best configuration and report on test.
+
+    Returns ``{"best_params", "best_values", "best_config", "final", "baseline"}`` (``final``
+    and ``baseline``: ``run_point`` results with val/test scalars; ``None`` when not run).
+    ``pruner``: ``"median"``, ``"none"`` or an optuna pruner. Writes ``trials.csv``,
+    ``study.png``, ``best_config.yaml`` and ``summary.md`` under ``out``.
+    """
+    import optuna
+    from accelerate import PartialState
+
+    from ..trainer import build_datasets_for
+
+    objectives, (lo, hi), pruner = _check_tune_args(objectives, n_trials, ranks, lr_range, pruner)
     out = Path(out)
     main = PartialState().is_main_process
     base.validate()
@@ -298,68 +409,73 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
     study = run_trials(base, out, n_trials, objectives, depth, datasets, ranks, allow_full, (lo, hi),
                        pruner, population_size)
     result = {"best_params": None, "best_values": None, "best_config": None, "final": None, "baseline": None}
+    best = None
     if main:
         write_trials(study, objectives, out / "trials.csv")
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(objectives) == 2 and complete:
-            pareto_plot([tuple(t.values) for t in complete], [f"#{t.number}" for t in complete],
-                        out / "pareto.png", objectives[0], objectives[1],
-                        "FairTune trials on the validation split")
-        if not complete:
+        if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             raise ValueError(f"no trial of {out / 'study.db'} completed (all pruned or failed)")
+        plot_study(study, objectives, out)
         best = best_trial(study, objectives)
         result["best_params"], result["best_values"] = dict(best.params), list(best.values)
     result["best_params"] = _broadcast(result["best_params"])
     final_cfg = trial_config(base, result["best_params"], depth, out / "best")
     if final_epochs is not None:
-        final_cfg = dataclasses.replace(final_cfg, epochs=final_epochs).validate()
+        final_cfg = derive(final_cfg, epochs=final_epochs)
     if main:
         final_cfg.save(out / "best_config.yaml")
-        print(f"fastfair tune: best trial {result['best_params']} values {result['best_values']}; "
+        print(f"fastfair tune: best trial #{best.number} {result['best_params']} values {result['best_values']}; "
               f"config in {out / 'best_config.yaml'}", flush=True)
     result["best_config"] = final_cfg
     if retrain:
         result["final"] = run_point(final_cfg, datasets=datasets, stale="replace")
         if compare_baseline:
-            base_cfg = dataclasses.replace(base, output_dir=str(out / "baseline"),
-                                           epochs=final_cfg.epochs).validate()
+            base_cfg = derive(base, output_dir=str(out / "baseline"), epochs=final_cfg.epochs)
             result["baseline"] = run_point(base_cfg, datasets=datasets, stale="replace")
-        if main:
-            runs = {"tuned (best/)": result["final"]}
-            if result["baseline"]:
-                runs["base config (baseline/)"] = result["baseline"]
-            print(f"\nfastfair tune: stage two, test split\n\n{side_by_side(runs)}", flush=True)
+    if main:
+        (out / "summary.md").write_text(summary_markdown(study, objectives, best, result))
+        if result["final"]:
+            print(f"\nfastfair tune: stage two, test split\n\n{baseline_table(result['final'], result['baseline'])}",
+                  flush=True)
+        print(f"fastfair tune: summary in {out / 'summary.md'}, plot in {out / 'study.png'}", flush=True)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastfair tune", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML train config the trials start from; flags override it")
-    p.add_argument("--n-trials", type=int, default=20, help="finished trials wanted (resumes count)")
-    p.add_argument("--objective", type=comma_list(str), default=["worst_group_accuracy"],
-                   help=f"validation objective, of {OBJECTIVES} (or any directed metric); two "
-                        "comma-separated names run NSGA-II, e.g. accuracy,worst_group_accuracy")
-    p.add_argument("--ranks", type=comma_list(int), default=[2, 4, 8, 16], help="LoRA ranks a block may take")
-    p.add_argument("--allow-full", action="store_true",
+    p = argparse.ArgumentParser(prog="fastfair tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Example (the docs' set-up): fastfair tune --backbone pretrain --n-trials 20")
+    g = p.add_argument_group("tune")
+    g.add_argument("--config", help="YAML train config the trials start from; flags override it")
+    g.add_argument("--n-trials", type=int, default=20,
+                   help="finished trials wanted; a resumed study counts its earlier ones (default: %(default)s)")
+    g.add_argument("--objective", type=comma_list(str), default=["worst_group_accuracy"],
+                   help=f"validation objective, of {', '.join(OBJECTIVES)} (or any directed metric); two "
+                        "comma-separated names run NSGA-II, e.g. accuracy,worst_group_accuracy "
+                        "(default: worst_group_accuracy)")
+    g.add_argument("--ranks", type=comma_list(int), default=[2, 4, 8, 16],
+                   help="LoRA ranks a block may take (default: 2,4,8,16)")
+    g.add_argument("--allow-full", action="store_true",
                    help="blocks may also fully fine-tune their attention, MLP, norms or everything")
-    p.add_argument("--lr-range", type=comma_list(float), default=[1e-5, 1e-2],
-                   help="log-uniform learning-rate range (FairTune: 1e-5,1e-3)")
-    p.add_argument("--pruner", default="median", choices=("median", "none"))
-    p.add_argument("--population-size", type=int, default=10, help="NSGA-II population (two objectives)")
-    p.add_argument("--final-epochs", type=int, help="epochs of the stage-two retraining (default: config's)")
-    p.add_argument("--no-retrain", action="store_true", help="stop after stage one and best_config.yaml")
-    p.add_argument("--compare-baseline", action="store_true",
-                   help="also train the base config in stage two and print both test reports")
+    g.add_argument("--lr-range", type=comma_list(float), default=[1e-5, 1e-2],
+                   help="log-uniform learning-rate range (default: 1e-5,1e-2; FairTune: 1e-5,1e-3)")
+    g.add_argument("--pruner", default="median", choices=("median", "none"),
+                   help="optuna pruner of single-objective studies (default: %(default)s)")
+    g.add_argument("--population-size", type=int, default=10,
+                   help="NSGA-II population, two objectives only (default: %(default)s)")
+    g.add_argument("--final-epochs", type=int, help="epochs of the stage-two retraining (default: the config's)")
+    g.add_argument("--no-retrain", action="store_true", help="stop after stage one and best_config.yaml")
+    g.add_argument("--compare-baseline", action="store_true",
+                   help="also train the base config in stage two and compare both on test in summary.md")
+    add_backbone_argument(g)
     add_config_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
     if len(args.lr_range) != 2:
         raise SystemExit(f"--lr-range takes two numbers, got {args.lr_range}")
+    cfg = with_backbone(config_from_args(args), args.backbone)
     out = Path(cfg.output_dir if cfg.output_dir != TrainConfig.output_dir else "runs/tune")
     tune(cfg, out, n_trials=args.n_trials, objectives=args.objective, ranks=args.ranks,
          allow_full=args.allow_full, lr_range=args.lr_range, pruner=args.pruner,
