@@ -37,7 +37,7 @@ VERSIONED = ("torch", "timm", "triton", "accelerate", "peft", "scikit-learn", "n
 
 # --------------------------------------------------------------------------- the experiments
 
-PRETRAIN = ("train --model test_vit --depth null --img-size 16 --patch-size 8 --finetune full "
+PRETRAIN = ("fastfair train --model test_vit --depth null --img-size 16 --patch-size 8 --finetune full "
             "--binary false --correlation 0.1 --repeats 2 --epochs 6 --lr 0.001 --batch-size 64 "
             "--log-with null --report-ci false --output-dir {work}/pretrain")
 COMMON = ("--model test_vit --depth null --img-size 16 --patch-size 8 "
@@ -81,10 +81,11 @@ def _workflow_rows(sub: str) -> Callable[[Path], tuple[list[dict], dict]]:
 
 @dataclass
 class Experiment:
-    commands: list[str]  # fastfair command lines; {work} is the work directory, {seeds} the seeds
+    commands: list[str]  # `fastfair ...` or `python ...` lines; {work}: the work directory, {seeds}: the seeds
     seeds: list[int]
     collect: Callable[[Path], tuple[list[dict], dict]]
     tables: dict[str, Callable[[dict], str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # environment of the commands ({work} filled)
 
 
 # filled below, once the table renderers exist
@@ -194,39 +195,34 @@ def _transfer_excess(res: dict) -> str:
 
 EXPERIMENTS.update({
     "sweep": Experiment(
-        commands=[PRETRAIN, "sweep " + COMMON + " --ranks 1,4,16 --lams 0,1 --penalties variance "
+        commands=[PRETRAIN, "fastfair sweep " + COMMON + " --ranks 1,4,16 --lams 0,1 --penalties variance "
                   "--group-keys group --seeds {seeds} --data-seed 0 --output-dir {work}/sweep"],
-        seeds=[0, 1, 2], collect=_sweep_rows, tables={"table": _sweep_table, "pretrain": _sweep_pretrain}),
+        seeds=[0, 1, 2, 3, 4], collect=_sweep_rows, tables={"table": _sweep_table, "pretrain": _sweep_pretrain}),
     "debias": Experiment(
-        commands=["debias --model test_vit --img-size 16 --patch-size 8 --depth 2 --batch-size 64 "
+        commands=["fastfair debias --model test_vit --img-size 16 --patch-size 8 --depth 2 --batch-size 64 "
                   "--repeats 2 --epochs 6 --backbone-epochs 15 --control --seeds {seeds} "
                   "--log-with null --report-ci false --output-dir {work}/debias"],
         seeds=[0, 1, 2], collect=_workflow_rows("debias"),
         tables={"table": _debias_table, "gains": _debias_gains}),
     "bias_transfer": Experiment(
-        commands=["bias-transfer --model test_vit --img-size 16 --patch-size 8 --depth 2 --batch-size 64 "
+        commands=["fastfair bias-transfer --model test_vit --img-size 16 --patch-size 8 --depth 2 --batch-size 64 "
                   "--repeats 2 --epochs 6 --source-epochs 15 --linear-lr 0.01 "
                   "--modes linear,lora:1,lora:8,fairlora:8,full,scratch --debias-target 0.5 --seeds {seeds} "
                   "--log-with null --report-ci false --output-dir {work}/bias_transfer"],
         seeds=[0, 1, 2], collect=_workflow_rows("bias_transfer"),
         tables={"table": _transfer_table, "excess": _transfer_excess}),
+    "main_job": Experiment(
+        commands=["python -m fastfair.workflows.main_job --seeds {seeds} --output-dir {work}/main_job"],
+        seeds=[0, 1, 2], collect=lambda work: _main_job().collect(work),
+        tables={"table": lambda res: _main_job().table(res["rows"])},
+        env={"FASTFAIR_CACHE_DIR": "{work}/cache"}),  # a cold cache: the pre-training is timed too
 })
 
 
-def register(name: str, experiment: Experiment) -> None:
-    """Add an experiment defined elsewhere (the main job registers its own)."""
-    EXPERIMENTS[name] = experiment
+def _main_job():
+    from .workflows import main_job  # imported when used: it pulls in the trainer
 
-
-def _load_registered() -> None:
-    # the main job's experiment lives with the main job; importing it registers it
-    import importlib
-
-    try:
-        importlib.import_module("fastfair.workflows.main_job")
-    except ImportError as e:  # pragma: no cover - only while the module is absent
-        if "main_job" not in str(e):
-            raise
+    return main_job
 
 # --------------------------------------------------------------------------- run
 
@@ -259,12 +255,16 @@ def run(name: str, work: Path, seeds: list[int] | None = None, out: Path | None 
     commands = [c.format(work=work, seeds=",".join(map(str, seeds))) for c in exp.commands]
     prov = provenance()  # the code that runs: a commit made meanwhile must not be recorded
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {**os.environ, **{k: v.format(work=work) for k, v in exp.env.items()}}
     for c in commands:
-        print(f"docs_results: fastfair {c}", flush=True)
-        subprocess.run([sys.executable, "-m", "fastfair.cli", *shlex.split(c)], check=True)
+        print(f"docs_results: {c}", flush=True)
+        argv = shlex.split(c)
+        argv = [sys.executable, "-m", "fastfair.cli", *argv[1:]] if argv[0] == "fastfair" else [sys.executable, *argv[1:]]
+        subprocess.run(argv, check=True, env=env)
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rows, extra = exp.collect(work)
-    record = {"experiment": name, "commands": ["fastfair " + c.replace(str(work), "WORK") for c in commands],
+    record = {"experiment": name, "commands": [c.replace(str(work), "WORK") for c in commands],
+              "env": {k: v.replace("{work}", "WORK") for k, v in exp.env.items()},
               "seeds": seeds, "wall_time_s": round(time.time() - t0, 1),
               "cpu_time_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
               **prov, "extra": extra, "rows": rows}
@@ -281,7 +281,6 @@ MARKER = re.compile(r"(<!-- results:(\w+):(\w+) -->\n)(.*?)(<!-- /results:\2:\3 
 def render_text(text: str, results_dir: Path = RESULTS_DIR) -> str:
     """``text`` with every marked table regenerated from ``results_dir``; an unknown experiment,
     table or missing results file is a ``ValueError`` naming it."""
-    _load_registered()
     cache: dict[str, dict] = {}
 
     def table(m: re.Match) -> str:
@@ -319,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("render", help="rewrite the marked tables of docs/reproducing.md")
     sub.add_parser("check", help="exit 1 when docs/reproducing.md and docs/results disagree")
     args = p.parse_args(argv)
-    _load_registered()
     if args.cmd == "run":
         if args.name not in EXPERIMENTS:
             p.error(f"unknown experiment {args.name!r}; known: {sorted(EXPERIMENTS)}")
