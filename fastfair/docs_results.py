@@ -15,13 +15,11 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import re
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +27,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
+
+from .workflows.common import fmt_mean_std, mean_std
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -94,19 +94,9 @@ EXPERIMENTS: dict[str, Experiment] = {}
 # --------------------------------------------------------------------------- summaries
 
 
-def mean_std(values) -> tuple[float | None, float | None, int]:
-    """Mean, sample std (None with one value) and count of the non-missing values."""
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return None, None, 0
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
-
-
 def fmt(values, digits: int = 3) -> str:
-    m, s, _ = mean_std(values)
-    if m is None:
-        return "n/a"
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
+    """Mean ± sample std of the non-missing values ("n/a" without any, no std with one)."""
+    return fmt_mean_std(*mean_std(values), digits)
 
 
 def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
@@ -163,22 +153,11 @@ def _mode(r: dict) -> str:
 
 
 def _transfer_table(res: dict) -> str:
-    rows = res["rows"]
-    cells = {k: v for k, v in group_rows(rows, ("source", "target", "mode", "rank")).items()}
     body = []
-    for mode, rank in dict.fromkeys((r["mode"], r["rank"]) for r in rows):
-        row = [_mode({"mode": mode, "rank": rank})]
-        for source, target in (("triggered", "plain"), ("control", "plain"), ("triggered", "debiased"),
-                               ("control", "debiased"), ("none", "plain"), ("none", "debiased")):
-            sel = cells.get((source, target, mode, rank), [])
-            row.append(fmt([r["asr"] for r in sel]) if sel else "")
-        if mode == "source (itself)":
-            sel = cells.get(("triggered", "source task", mode, rank), []) + cells.get(("control", "source task", mode, rank), [])
-            row[1] = fmt([r["asr"] for r in sel if r["source"] == "triggered"])
-            row[2] = fmt([r["asr"] for r in sel if r["source"] == "control"])
-        body.append(row)
-    return markdown_table(["mode", "ASR triggered", "ASR control", "ASR triggered, de-biased target",
-                           "ASR control, de-biased target", "ASR scratch", "ASR scratch, de-biased"], body)
+    for (source, target, mode, rank), sel in group_rows(res["rows"], ("source", "target", "mode", "rank")).items():
+        body.append([source, target, _mode({"mode": mode, "rank": rank}), str(len(sel))]
+                    + [fmt([r[c] for r in sel], 2) for c in ("accuracy", "asr", "flip_rate")])
+    return markdown_table(["source", "target data", "mode", "seeds", "accuracy", "ASR", "flip rate"], body)
 
 
 def _transfer_excess(res: dict) -> str:

@@ -149,3 +149,18 @@ def test_dfr_refits_only_the_last_layer_on_balanced_validation_rows(tmp_path, ru
     assert len(fitted) == info["n_subsets"] * len(methods.DFR_C_GRID)
     assert sum(res["val"]["group_count"]) == len(b)  # "val" is the tuning half, not the fitting one
     assert (tmp_path / "run" / "dfr_head.safetensors").is_file() and (tmp_path / "run" / "report.json").is_file()
+
+
+def test_main_job_table_has_sample_std_seed_count_and_paired_ties():
+    from fastfair.workflows.main_job import table
+
+    def row(method, seed, wga):
+        return {"method": method, "seed": seed, "accuracy": 0.5, "worst_group_accuracy": wga, "accuracy_gap": 0.1}
+
+    rows = [row("erm", s, w) for s, w in enumerate((0.0, 0.1, 0.2))]
+    rows += [row("fairlora", s, w) for s, w in enumerate((0.5, 0.7, 0.6))]  # +0.5, +0.6, +0.4
+    rows += [row("groupdro", s, w) for s, w in enumerate((0.05, 0.05, 0.25))]  # +0.05, -0.05, +0.05
+    lines = {line.split(" | ")[0].strip("| "): line for line in table(rows).splitlines()[2:]}
+    assert "| 3 | 0.500 ± 0.000 | 0.100 ± 0.100 |" in lines["ERM"]  # sample std of 0, .1, .2
+    assert lines["FairLoRA (λ=1)"].endswith("| 0.500 ± 0.100 | better |")
+    assert lines["GroupDRO"].endswith("| 0.017 ± 0.058 | tie |")

@@ -42,24 +42,28 @@ def base_config(output_dir: str, **changes) -> TrainConfig:
     return derive(TrainConfig(), **{**SETTINGS, "output_dir": output_dir, **changes})
 
 
-def run_all(base: TrainConfig, methods, seeds, out: Path) -> list[dict]:
-    """One fine-tuning per (method, seed) from the cached backbone; a row of test metrics each."""
+def run_all(base: TrainConfig, methods, seeds, out: Path) -> tuple[list[dict], list[str]]:
+    """One fine-tuning per (method, seed) from the cached backbone: a row of test metrics each,
+    and the group names."""
     from .. import methods as registry
 
+    from ..trainer import build_datasets_for
+
     weights = pretrained_backbone(base)
+    datasets = build_datasets_for(base)  # data seed fixed: one split for every method and seed
     rows = []
     for seed in seeds:
         for name in methods:
             cfg = derive(base, method=name, seed=seed, checkpoint=str(weights),
                          output_dir=str(out / f"{name}_s{seed}"), **METHOD_SETTINGS.get(name, {}))
             t0 = time.time()
-            res = registry.run(cfg)
+            res = registry.run(cfg, datasets=datasets)
             test = res["test"]
             rows.append({"method": name, "seed": seed, **{k: test[k] for k in COLUMNS},
                          "group_accuracy": test["group_accuracy"],
                          "val_worst_group_accuracy": res["val"]["worst_group_accuracy"],
                          "time_s": round(time.time() - t0, 1)})
-    return rows
+    return rows, list(datasets["train"].group_names)
 
 
 def paired_change(rows: list[dict], method: str, key: str = "worst_group_accuracy") -> list[float]:
@@ -127,12 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     out = Path(args.output_dir)
     base = base_config(str(out))
-    rows = run_all(base, args.methods, args.seeds, out)
+    rows, group_names = run_all(base, args.methods, args.seeds, out)
     if not PartialState().is_main_process:
         return 0
-    from ..trainer import build_datasets_for
-
-    group_names = build_datasets_for(derive(base, repeats=1))["train"].group_names
     plot(rows, out / "per_group_accuracy.png", group_names)
     use = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = time.time() - t0, use.ru_utime + use.ru_stime
