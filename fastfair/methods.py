@@ -48,6 +48,7 @@ class Method:
     hyperparameters: tuple[str, ...]  # method keys it reads (the others must keep their defaults)
     runner: Callable  # (cfg, train_kwargs) -> result dict
     summary: str
+    sets: dict = dataclasses.field(default_factory=dict)  # config values the method itself sets
 
     def run(self, cfg, **train_kwargs) -> dict:
         check(cfg, self)
@@ -90,7 +91,8 @@ def check(cfg, method: Method) -> None:
     for key in METHOD_KEYS:
         if key in method.hyperparameters or key not in defaults:
             continue
-        if getattr(cfg, key) != defaults[key]:
+        if getattr(cfg, key) not in (defaults[key], method.sets.get(key, defaults[key])):
+            # (a value the method sets itself is fine: its saved config.yaml must load again)
             reads = ", ".join(method.hyperparameters) or "no method key"
             raise ValueError(f"{key}={getattr(cfg, key)!r} does not apply to method={method.name!r} "
                              f"(it reads {reads}); leave {key} at its default {defaults[key]!r}"
@@ -126,10 +128,8 @@ def run(cfg, **train_kwargs) -> dict:
 # -- one-run methods: a config change on the trainer -------------------------------------------
 
 
-def _one_run(**changes):
-    def runner(cfg, kw):
-        return _train(derive(cfg, **changes), **kw)
-    return runner
+def _one_run(cfg, kw):
+    return _train(derive(cfg, **METHODS[cfg.method].sets), **kw)
 
 
 # -- two-stage methods ---------------------------------------------------------------------------
@@ -374,17 +374,19 @@ def _run_dfr(cfg, kw):
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("erm", "empirical risk minimization (Vapnik, 1992)", "none (validation groups for model selection)",
-           (), _one_run(penalty="none", lam=0.0),
-           "mean cross-entropy; the baseline every method is compared with"),
+           (), _one_run, "mean cross-entropy; the baseline every method is compared with",
+           dict(penalty="none", lam=0.0)),
     Method("fairlora", "FairLoRA (Sukumaran et al., 2024)", "group labels in train",
            ("lam", "penalty", "penalty_alpha", "dro_step_size", "loss_groups", "balanced_sampling"),
-           _one_run(), "CE + lam · penalty over the batch's group mean losses (variance by default)"),
+           _one_run, "CE + lam · penalty over the batch's group mean losses (variance by default)"),
     Method("groupdro", "GroupDRO (Sagawa et al., ICLR 2020)", "group labels in train",
-           ("dro_step_size", "loss_groups", "balanced_sampling"), _one_run(penalty="dro", lam=1.0),
-           "Σ q_g L_g with q_g ← q_g·exp(dro_step_size·L_g), renormalized each step"),
+           ("dro_step_size", "loss_groups", "balanced_sampling"), _one_run,
+           "Σ q_g L_g with q_g ← q_g·exp(dro_step_size·L_g), renormalized each step",
+           dict(penalty="dro", lam=1.0)),
     Method("reweight", "group-balanced resampling (e.g. Idrissi et al., CLeaR 2022, SUBG)",
-           "group labels in train", ("balanced_sampling",), _one_run(balanced_sampling=True, penalty="none"),
-           "ERM on batches drawn so every group is equally likely (with replacement)"),
+           "group labels in train", ("balanced_sampling",), _one_run,
+           "ERM on batches drawn so every group is equally likely (with replacement)",
+           dict(balanced_sampling=True, penalty="none")),
     Method("jtt", "JTT, Just Train Twice (Liu et al., ICML 2021)",
            "group labels in validation only (to choose jtt_epochs, jtt_upweight)",
            ("jtt_epochs", "jtt_upweight"), _run_jtt,

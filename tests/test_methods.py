@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastfair import methods, trainer
-from fastfair.config import TrainConfig
+from fastfair.config import TrainConfig, load_config
 from fastfair.losses import FairnessLoss
 
 
@@ -88,6 +88,8 @@ def test_one_run_methods_end_to_end(tmp_path, runs, name, cfg_kw, expect):
     for key, value in expect.items():
         assert getattr(runs[0]["cfg"], key) == value, key
     assert set(res) >= {"output_dir", "val", "test"} and 0 <= res["test"]["accuracy"] <= 1
+    # the run's saved config (the method's own settings in it) passes the method's check again
+    methods.check(load_config(tmp_path / "run" / "config.yaml"), methods.METHODS[name])
 
 
 def test_jtt_upweights_exactly_the_erm_errors_and_restarts_from_the_same_init(tmp_path, runs):
