@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .workflows.common import fmt_mean_std, mean_std
+from .workflows.common import fmt_mean_std, mean_std, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -144,8 +144,9 @@ def _debias_gains(res: dict) -> str:
         for key in ("accuracy", "counterfactual_flip"):
             d = [by[(task, "debias", s)][key] - by[(task, "baseline", s)][key] for s in res["seeds"]
                  if (task, "baseline", s) in by and by[(task, "debias", s)][key] is not None]
-            body.append([task, key, ", ".join(f"{x:+.3f}" for x in d), fmt(d)])
-    return markdown_table(["task", "metric", "debias − baseline per seed", "mean ± std"], body)
+            body.append([task, key, ", ".join(f"{x:+.3f}" for x in d), fmt(d),
+                         verdict(*mean_std(d), higher_is_better=key == "accuracy")])
+    return markdown_table(["task", "metric", "debias − baseline per seed", "mean ± std", "verdict"], body)
 
 
 def _mode(r: dict) -> str:
@@ -168,8 +169,9 @@ def _transfer_excess(res: dict) -> str:
         for mode in dict.fromkeys(_mode(r) for r in res["rows"] if r["source"] == "control" and r["target"] == target):
             d = [by[("triggered", target, mode, s)] - by[("control", target, mode, s)] for s in res["seeds"]
                  if by.get(("triggered", target, mode, s)) is not None and by.get(("control", target, mode, s)) is not None]
-            body.append([target, mode, ", ".join(f"{x:+.2f}" for x in d), fmt(d, 2)])
-    return markdown_table(["target data", "mode", "excess ASR per seed", "mean ± std"], body)
+            word = {"better": "inherited", "worse": "below control"}.get(verdict(*mean_std(d)), "tie with 0")
+            body.append([target, mode, ", ".join(f"{x:+.2f}" for x in d), fmt(d, 2), word])
+    return markdown_table(["target data", "mode", "excess ASR per seed", "mean ± std", "verdict"], body)
 
 
 EXPERIMENTS.update({
