@@ -221,8 +221,8 @@ def to_probs_and_losses(
     _check_finite("score", scores, batch)
     _check_index("labels", labels, num_classes, batch)
     # float32 at least: half-precision log-probs would put ties and -inf into AUC and loss.
-    x = scores.reshape(scores.shape[0], -1).to(torch.float64 if scores.dtype == torch.float64
-                                               else torch.float32)
+    x = (scores.reshape(-1, 1) if single else scores).to(
+        torch.float64 if scores.dtype == torch.float64 else torch.float32)
     if inputs == "logits":
         if single:
             logp = torch.cat([F.logsigmoid(-x), F.logsigmoid(x)], dim=1)
@@ -393,6 +393,39 @@ def _fmt_groups(ids) -> str:
     return ", ".join(str(int(g)) for g in ids)
 
 
+def _notes(raw: dict, r: dict, missing: np.ndarray, C: int) -> list[str]:
+    """Every value left out or undefined in :func:`compute_metrics`, and why."""
+    notes = []
+    present = raw["present"]
+    if missing.size:
+        notes.append(f"groups without samples (null, left out of worst-group values and gaps): "
+                     f"{_fmt_groups(missing)}")
+    no_auc = np.flatnonzero(present & np.isnan(raw["auc"]))
+    if no_auc.size:
+        notes.append(f"AUC undefined (a single class) in groups {_fmt_groups(no_auc)}: null, "
+                     f"left out of worst_group_auc and auc_gap")
+    part = np.flatnonzero(present & ~np.isnan(raw["auc"]) & (raw["auc_skipped"] > 0))
+    if part.size:
+        notes.append(f"groups {_fmt_groups(part)}: AUC is the macro over only the classes with "
+                     f"both positives and negatives there")
+    if np.isnan(raw["overall_auc"]):
+        notes.append("overall AUC undefined: the labels hold a single class")
+    elif raw["overall_auc_skipped"]:
+        notes.append(f"overall AUC leaves out {raw['overall_auc_skipped']} classes without "
+                     f"both positives and negatives")
+    for name, rate in (("TPR", r["tpr"]), ("FPR", r["fpr"])):
+        undefined = [(int(gi), r["classes"][j]) for gi, j in zip(*np.nonzero(np.isnan(rate)))
+                     if present[gi]]
+        if undefined:
+            what = ", ".join(f"group {gi}" + (f" class {c}" if C > 2 else "")
+                             for gi, c in undefined[:10])
+            if len(undefined) > 10:
+                what += f" and {len(undefined) - 10} more"
+            notes.append(f"{name} undefined (no {'positives' if name == 'TPR' else 'negatives'}) "
+                         f"for {what}: left out of the equal opportunity / equalized odds gaps")
+    return notes
+
+
 def compute_metrics(
     probs, labels, groups, num_groups: int, num_classes: int, losses=None, n_bins: int = 15
 ) -> dict:
@@ -424,35 +457,8 @@ def compute_metrics(
     class_n = total.sum(1)
     recall = np.diag(total)[class_n > 0] / class_n[class_n > 0]
 
-    notes = []
     missing = np.flatnonzero(~present)
-    if missing.size:
-        notes.append(f"groups without samples (null, left out of worst-group values and gaps): "
-                     f"{_fmt_groups(missing)}")
-    no_auc = np.flatnonzero(present & np.isnan(raw["auc"]))
-    if no_auc.size:
-        notes.append(f"AUC undefined (a single class) in groups {_fmt_groups(no_auc)}: null, "
-                     f"left out of worst_group_auc and auc_gap")
-    part = np.flatnonzero(present & ~np.isnan(raw["auc"]) & (raw["auc_skipped"] > 0))
-    if part.size:
-        notes.append(f"groups {_fmt_groups(part)}: AUC is the macro over only the classes with "
-                     f"both positives and negatives there")
-    if np.isnan(raw["overall_auc"]):
-        notes.append("overall AUC undefined: the labels hold a single class")
-    elif raw["overall_auc_skipped"]:
-        notes.append(f"overall AUC leaves out {raw['overall_auc_skipped']} classes without "
-                     f"both positives and negatives")
-    r = s["rates"]
-    for name, rate in (("TPR", r["tpr"]), ("FPR", r["fpr"])):
-        undefined = [(int(gi), r["classes"][j]) for gi, j in zip(*np.nonzero(np.isnan(rate)))
-                     if present[gi]]
-        if undefined:
-            what = ", ".join(f"group {gi}" + (f" class {c}" if C > 2 else "")
-                             for gi, c in undefined[:10])
-            if len(undefined) > 10:
-                what += f" and {len(undefined) - 10} more"
-            notes.append(f"{name} undefined (no {'positives' if name == 'TPR' else 'negatives'}) "
-                         f"for {what}: left out of the equal opportunity / equalized odds gaps")
+    notes = _notes(raw, s["rates"], missing, C)
 
     return {
         "accuracy": float(np.trace(total) / total.sum()),

@@ -15,6 +15,10 @@ writes ``report.json`` (the :func:`fastfair.metrics.compute_metrics` dict, its `
 ``group_accuracy.png``. ``compare_runs`` reads each run's ``report.json`` of that split when
 present (for its intervals), else its predictions, and writes ``compare.json``, ``compare.md``
 and ``pareto.png``.
+
+Every plot of fastfair goes through :func:`bar_plot` (panels of grouped bars, :class:`Bars`)
+or :func:`pareto_plot` (a scatter with its Pareto front and labels placed without overlap);
+both draw on a bare Agg Figure and return it.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -101,18 +105,21 @@ def _markdown(rep: dict) -> str:
     tables (with one note naming them) rather than shown as rows of dashes."""
     ci = (rep.get("ci") or {}).get("intervals", {})
     level = (rep.get("ci") or {}).get("level")
-    ci_head = f"{round(100 * level)}% CI" if level else "CI"
+    # without intervals the CI column would be all dashes: left out
+    col = _Column(f"{round(100 * level)}% CI" if level else "CI", bool(rep.get("ci")))
     n = sum(rep["group_count"])
     lines = [f"# Fairness report: {rep['run']} ({rep['split']}, {n} samples)", "",
-             f"| metric | value | {ci_head} |", "|---|---|---|"]
+             f"| metric | value |{col.head}", f"|---|---|{col.sep}"]
     undefined = []
     for key, value in scalar_metrics(rep).items():
         if value is None:
             undefined.append(key)
             continue
         arrow = "↑" if higher_is_better(key) else "↓"
-        lines.append(f"| {key} {arrow} | {_fmt(value)} | {_fmt_ci(ci.get(key))} |")
-    lines += [""] + _group_table(rep, ci.get("group_accuracy"), ci_head, undefined)
+        # no dash where no interval is computed (not a CI metric): only where it is undefined
+        cell = col.cell(ci.get(key)) if METRICS[key].ci else col.blank
+        lines.append(f"| {key} {arrow} | {_fmt(value)} |{cell}")
+    lines += [""] + _group_table(rep, ci.get("group_accuracy"), col, undefined)
     notes = list(rep["notes"])
     if undefined:
         notes.insert(0, f"left out of the tables, undefined on this split: {', '.join(undefined)}")
@@ -124,11 +131,34 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class _Column:
+    """The interval column of a markdown table, or nothing when the report has no intervals."""
+
+    title: str
+    shown: bool
+
+    @property
+    def head(self) -> str:
+        return f" {self.title} |" if self.shown else ""
+
+    @property
+    def sep(self) -> str:
+        return "---|" if self.shown else ""
+
+    @property
+    def blank(self) -> str:
+        return "  |" if self.shown else ""
+
+    def cell(self, interval) -> str:
+        return f" {_fmt_ci(interval)} |" if self.shown else ""
+
+
 # Per-group columns after the group's size, accuracy and interval: (header, report key).
 _GROUP_COLUMNS = (("AUC", "group_auc"), ("ECE", "group_ece"), ("mean loss", "group_loss"))
 
 
-def _group_table(rep: dict, group_ci, ci_head: str, undefined: list) -> list[str]:
+def _group_table(rep: dict, group_ci, col: _Column, undefined: list) -> list[str]:
     """One row per group; a column undefined in every group is dropped (and named in
     ``undefined``)."""
     G = len(rep["group_count"])
@@ -140,16 +170,15 @@ def _group_table(rep: dict, group_ci, ci_head: str, undefined: list) -> list[str
         else:
             undefined.append(key)
     worst = _worst(rep["group_accuracy"])
-    lines = [f"| group | n | accuracy | {ci_head} | " + " | ".join(h for h, _ in cols) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
+    lines = [f"| group | n | accuracy |{col.head}" + "".join(f" {h} |" for h, _ in cols),
+             f"|---|---|---|{col.sep}" + "---|" * len(cols)]
     for i, name in enumerate(rep["group_names"]):
         mark = " (worst)" if i == worst else ""
         if rep["group_count"][i] == 0:
             mark = " (missing)"
-        cells = [_fmt(rep[key][i]) for _, key in cols]
         lines.append(f"| {name}{mark} | {rep['group_count'][i]} | "
-                     f"{_fmt(rep['group_accuracy'][i])} | {_fmt_ci(group_ci[i])} | "
-                     + " | ".join(cells) + " |")
+                     f"{_fmt(rep['group_accuracy'][i])} |{col.cell(group_ci[i])}"
+                     + "".join(f" {_fmt(rep[key][i])} |" for _, key in cols))
     return lines
 
 
@@ -188,7 +217,8 @@ class Bars:
     highlight_label: str = "worst group"
     reference: tuple[float, str] | None = None
     hatches: Mapping[str, str] | None = None
-    ylim: tuple[float, float] | None = (0.0, 1.0)
+    ylim: tuple[float, float] | None = (0.0, 1.0)  # None: from the values
+    noun: str = "categories"  # what the categories are, for the note of a shortened panel
 
 
 def _figure(width: float, height: float):
@@ -252,10 +282,10 @@ def _slots(p: Bars) -> tuple[list[int | None], str]:
     sign = 1 if p.metric is None or higher_is_better(p.metric) else -1
     ranked = sorted((i for i in range(n) if vals[i] is not None), key=lambda i: sign * vals[i])
     if len(ranked) <= 2 * KEEP_BARS:
-        return ranked, f"{n} categories: the {len(ranked)} with a value are shown"
-    what = p.metric.replace("_", " ") if p.metric else "value"
-    note = (f"{n} categories: the {KEEP_BARS} worst and {KEEP_BARS} best by {what} "
-            f"(the other {n - 2 * KEEP_BARS} are in the table)")
+        return ranked, f"{n} {p.noun}: the {len(ranked)} with a value"
+    what = METRICS[p.metric].label if p.metric else "value"
+    note = (f"{n} {p.noun}: the {KEEP_BARS} worst and the {KEEP_BARS} best by {what}; "
+            f"the other {n - 2 * KEEP_BARS} are left out")
     return ranked[:KEEP_BARS] + [None] + ranked[-KEEP_BARS:], note
 
 
@@ -268,7 +298,7 @@ def _tick(p: Bars, i: int | None) -> str:
 
 
 def _panel_width(p: Bars) -> float:
-    return 1.0 + 0.42 * len(_slots(p)[0]) * max(1.0, 0.6 * len(p.values))
+    return 1.0 + 0.42 * len(_slots(p)[0]) * max(1.0, 0.75 * len(p.values))
 
 
 def _draw_bar(ax, x, v, width, color, hatch, lo, span):
@@ -280,71 +310,103 @@ def _draw_bar(ax, x, v, width, color, hatch, lo, span):
                 solid_capstyle="butt", zorder=3, clip_on=False)
 
 
-def _value_text(ax, x, top, v, rotate: bool):
-    ax.annotate(f"{v:.3f}" if abs(v) < 10 else f"{v:.3g}", (x, top), xytext=(0, 2),
+def _value_text(ax, x, top, v, rotate: bool, digits: int):
+    ax.annotate(f"{v:.{digits}f}" if abs(v) < 10 else f"{v:.3g}", (x, top), xytext=(0, 2),
                 textcoords="offset points", ha="center", va="bottom", fontsize=6.5,
                 rotation=90 if rotate else 0, color="0.15")
 
 
-def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
-    """Bars, stubs for zero bars, whiskers, a value label above each bar, a legend outside."""
+def _auto_ylim(p: Bars) -> tuple[float, float]:
+    """From 0 (or the lowest value) to the highest bar or whisker."""
+    ends = [0.0]
+    for name, vals in p.values.items():
+        errs = (p.errors or {}).get(name) or [None] * len(vals)
+        for v, e in zip(vals, errs):
+            if v is not None:
+                ends += [v, *(_interval(v, e) or ())]
+    lo, hi = min(ends), max(ends)
+    return lo, hi if hi > lo else lo + 1.0
+
+
+_PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive")
+
+
+@dataclass
+class _Drawn:
+    """What a panel's bars drew: for its legend and its y limit."""
+
+    top: float
+    highlighted: bool = False
+    whiskers: bool = False
+    seeds: list = field(default_factory=list)
+
+
+def _draw_series(ax, p: Bars, j: int, slots, lo: float, span: float, rotate: bool,
+                 drawn: _Drawn) -> None:
+    """One series' bars (a stub for a zero bar), whiskers where due and each value on top."""
+    name = list(p.values)[j]
+    width = 0.8 / len(p.values)
+    vals = p.values[name]
+    errs = (p.errors or {}).get(name) or [None] * len(vals)
+    seeds = (p.n_seeds or {}).get(name)
+    for slot, i in enumerate(slots):
+        if i is None:
+            continue
+        x = slot + (j - (len(p.values) - 1) / 2) * width
+        v = vals[i]
+        if v is None:
+            ax.text(x, lo + 0.02 * span, "missing", rotation=90, ha="center", va="bottom",
+                    fontsize=6.5, color="gray")
+            continue
+        drawn.highlighted |= i == p.highlight
+        color = "tab:red" if i == p.highlight else _PALETTE[j % len(_PALETTE)]
+        _draw_bar(ax, x, v, width * 0.9, color, (p.hatches or {}).get(name), lo, span)
+        top = v
+        ci = _interval(v, errs[i])
+        if ci is not None and (seeds is None or seeds[i] >= 2):
+            ax.errorbar(x, v, yerr=[[max(v - ci[0], 0)], [max(ci[1] - v, 0)]],
+                        color="black", capsize=2, lw=0.8)
+            top, drawn.whiskers = max(v, ci[1]), True
+            drawn.seeds += [] if seeds is None else [seeds[i]]
+        _value_text(ax, x, top, v, rotate, 3 if len(p.values) == 1 else 2)
+        drawn.top = max(drawn.top, top)
+
+
+def _legend_handles(ax, p: Bars, drawn: _Drawn) -> list:
+    """Series (when several), the highlight, the reference line (drawn here) and whiskers."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    slots, note = _slots(p)
-    series = list(p.values)
-    width = 0.8 / len(series)
-    lo, hi = p.ylim if p.ylim is not None else (0.0, 1.0)
-    span = hi - lo
-    # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
-    rotate = 0.8 * fig_width / max(total_slots, 1) * width < 0.34
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
-    seeds_drawn, top_all, highlighted, whiskers = [], hi, False, False
-    for j, name in enumerate(series):
-        vals = p.values[name]
-        errs = (p.errors or {}).get(name) or [None] * len(vals)
-        seeds = (p.n_seeds or {}).get(name)
-        hatch = (p.hatches or {}).get(name)
-        for slot, i in enumerate(slots):
-            if i is None:
-                continue
-            x = slot + (j - (len(series) - 1) / 2) * width
-            v = vals[i]
-            if v is None:
-                ax.text(x, lo + 0.02 * span, "missing", rotation=90, ha="center", va="bottom",
-                        fontsize=6.5, color="gray")
-                continue
-            color = "tab:red" if i == p.highlight else palette[j % len(palette)]
-            highlighted |= i == p.highlight
-            _draw_bar(ax, x, v, width * 0.9, color, hatch, lo, span)
-            top = v
-            ci = _interval(v, errs[i])
-            if ci is not None and (seeds is None or seeds[i] >= 2):
-                ax.errorbar(x, v, yerr=[[max(v - ci[0], 0)], [max(ci[1] - v, 0)]],
-                            color="black", capsize=2, lw=0.8)
-                top, whiskers = max(v, ci[1]), True
-                if seeds is not None:
-                    seeds_drawn.append(seeds[i])
-            _value_text(ax, x, top, v, rotate)
-            top_all = max(top_all, top)
-    handles = [Patch(facecolor=palette[j % len(palette)], hatch=(p.hatches or {}).get(n),
-                     edgecolor="white", label=n) for j, n in enumerate(series)] \
-        if len(series) > 1 else []
-    if highlighted:
+    handles = [Patch(facecolor=_PALETTE[j % len(_PALETTE)], hatch=(p.hatches or {}).get(n),
+                     edgecolor="white", label=n) for j, n in enumerate(p.values)] \
+        if len(p.values) > 1 else []
+    if drawn.highlighted:
         handles.append(Patch(color="tab:red", label=p.highlight_label))
     if p.reference is not None:
         ax.axhline(p.reference[0], color="gray", ls="--", lw=1)
         handles.append(Line2D([], [], color="gray", ls="--", lw=1, label=p.reference[1]))
-    if whiskers:
+    if drawn.whiskers:
         handles.append(Line2D([], [], color="black", marker="|", ms=8, ls="none",
-                              label=_whisker_label(p.error_label, seeds_drawn)))
+                              label=_whisker_label(p.error_label, drawn.seeds)))
     elif p.n_seeds and p.errors:
         handles.append(Patch(alpha=0, label="1 seed: no error bars"))
-    if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
-                  frameon=False, borderaxespad=0)
+    return handles
+
+
+def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> list:
+    """Bars, stubs for zero bars, whiskers and a value label above each bar; returns the
+    panel's legend handles."""
+    slots, note = _slots(p)
+    lo, hi = p.ylim if p.ylim is not None else _auto_ylim(p)
+    span = hi - lo
+    # value labels turn upright when a bar is narrower than about five digits at 6.5 pt
+    rotate = 0.8 * fig_width / max(total_slots, 1) * 0.8 / len(p.values) < 0.34
+    drawn = _Drawn(top=hi)
+    for j in range(len(p.values)):
+        _draw_series(ax, p, j, slots, lo, span, rotate, drawn)
+    handles = _legend_handles(ax, p, drawn)
     # headroom so the value labels sit inside the axes, above the highest whisker
-    ax.set_ylim(lo, top_all + span * (0.2 if rotate else 0.09))
+    ax.set_ylim(lo, drawn.top + span * (0.2 if rotate else 0.09))
     ax.set_xlim(-0.6, len(slots) - 0.4)
     many = len(slots) > 8 or max((len(str(c)) for c in p.categories), default=0) > 14
     ax.set_xticks(range(len(slots)), [_tick(p, i) for i in slots], fontsize=7,
@@ -352,6 +414,7 @@ def _draw_panel(ax, p: Bars, fig_width: float, total_slots: int) -> None:
                   rotation_mode="anchor" if many else "default")
     ax.set_ylabel(p.ylabel or (axis_label(p.metric) if p.metric else ""), fontsize=8)
     ax.set_title(p.title + (f"\n{note}" if note else ""), fontsize=8.5)
+    return handles
 
 
 def bar_plot(path, panels, title: str | None = None):
@@ -367,11 +430,16 @@ def bar_plot(path, panels, title: str | None = None):
     widths = [_panel_width(p) for p in panels]
     legend = 1.7 if any(len(p.values) > 1 or p.reference or p.errors or p.highlight is not None
                         for p in panels) else 0.0
-    fig_width = min(max(5.0, sum(widths) + legend * len(panels)), 16.0)
+    fig_width = min(max(5.0, sum(widths) + legend), 16.0)
     fig = _figure(fig_width, 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+    handles = {}
     for ax, p, w in zip(axes, panels, widths):
-        _draw_panel(ax, p, fig_width * w / sum(widths), len(_slots(p)[0]))
+        for h in _draw_panel(ax, p, fig_width * w / sum(widths), len(_slots(p)[0])):
+            handles.setdefault(h.get_label(), h)
+    if handles:  # one legend for all panels, outside them: it never covers a bar
+        fig.legend(handles=list(handles.values()), loc="outside right center", fontsize=7,
+                   frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)
@@ -380,7 +448,12 @@ def bar_plot(path, panels, title: str | None = None):
 
 # ------------------------------------------------------------------ Pareto plot and its labels
 
-_RADII = (4, 10, 18, 28, 40)  # offsets tried for a label, in points, nearest first
+# Offsets tried for a label, in points, nearest first; the first clears a marker's 5 pt
+# half-size and needs no leader line.
+_RADII = (6, 12, 20, 30, 42)
+_REL = {"left": 0.0, "bottom": 0.0, "center": 0.5, "right": 1.0, "top": 1.0}
+_HA = {1: "left", -1: "right", 0: "center"}  # a label right of its point starts at its left
+_VA = {1: "bottom", -1: "top", 0: "center"}
 _DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
@@ -395,52 +468,136 @@ def _outside(box, frame) -> float:
     return box.width * box.height - inside
 
 
+def _crosses(a, b, c, d) -> bool:
+    """Whether the segments ``ab`` and ``cd`` cross."""
+    def side(p, q, r):
+        return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
+    return side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
+
+
+def _through(seg, box) -> bool:
+    """Whether a leader line passes through a box (sampled along it, away from its ends)."""
+    (x0, y0), (x1, y1) = seg
+    return any(box.contains(x0 + (x1 - x0) * t, y0 + (y1 - y0) * t)
+               for t in np.linspace(0.2, 0.9, 8))
+
+
+class _Layout:
+    """What a label must keep clear of, in display pixels: markers, whiskers, the other labels
+    and their leader lines; and the axes frame it must stay inside."""
+
+    def __init__(self, ax, points_px, marker_r):
+        from matplotlib.transforms import Bbox
+
+        self.frame = ax.get_window_extent()
+        self.markers = [Bbox.from_extents(x - marker_r, y - marker_r, x + marker_r, y + marker_r)
+                        for x, y in points_px]
+        self.whiskers = _whisker_boxes(ax)
+        self.labels, self.leaders = {}, {}
+
+    def cost(self, i, box, leader) -> float:
+        """Pixels covered (whiskers once, markers ten times, labels and the frame's edge fifty
+        times) plus a charge per crossing of a leader line: labels stay apart first."""
+        labels = [b for j, b in self.labels.items() if j != i]
+        leaders = [s for j, s in self.leaders.items() if j != i]
+        c = 50 * (_outside(box, self.frame) + sum(_overlap(box, b) for b in labels))
+        c += 10 * sum(_overlap(box, b) for b in self.markers)
+        c += sum(_overlap(box, b) for b in self.whiskers)
+        c += 1000 * sum(_through(s, box) for s in leaders)
+        if leader is not None:
+            c += 1000 * (sum(_crosses(*leader, *s) for s in leaders)
+                         + sum(_through(leader, b) for b in labels)
+                         + sum(_through(leader, b) for j, b in enumerate(self.markers) if j != i))
+        return c
+
+    def take(self, i, box, leader) -> None:
+        self.labels[i] = box.expanded(1.05, 1.1)
+        self.leaders.pop(i, None)
+        if leader is not None:
+            self.leaders[i] = leader
+
+
+def _candidates(point, size, dpi):
+    """``(offset in points, ha, va, box, leader)`` around a point, nearest first."""
+    from matplotlib.transforms import Bbox
+
+    w, h = size
+    for radius in _RADII:
+        for dx, dy in _DIRECTIONS:
+            offset = (dx * radius, dy * radius)
+            ax_, ay = point[0] + offset[0] * dpi / 72, point[1] + offset[1] * dpi / 72
+            x0, y0 = ax_ - w * (1 - dx) / 2, ay - h * (1 - dy) / 2
+            leader = (tuple(point), (ax_, ay)) if radius > _RADII[0] else None
+            yield (offset, _HA[dx], _VA[dy], Bbox.from_bounds(x0, y0, w, h), leader)
+
+
 def _place_labels(fig, ax, xy, texts, first=()) -> list:
-    """Annotate each point with its text where it overlaps no other label, marker or edge.
+    """Annotate each point with its text where it covers no other label, marker or whisker.
 
     Greedy: each label (points in ``first`` go first) takes the nearest offset around its point
-    whose box is free, else the least-covered one; a label pushed away gets a leader line.
+    that covers and crosses nothing, else the cheapest; then two more passes let each label move
+    now that it sees all the others. A label set off its point gets a leader line.
     """
-    from matplotlib.transforms import Bbox
+    from matplotlib.text import Text
 
     fig.draw_without_rendering()  # run the layout so the axes have their final place ...
     fig.set_layout_engine("none")  # ... and freeze it: moving axes would move the labels
     renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    r = 5 * fig.dpi / 72  # a marker's half-size in pixels
-    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
-             for px, py in ax.transData.transform(np.asarray(xy, dtype=float))]
-    placed = []
-    for i in sorted(range(len(xy)), key=lambda i: (i not in first, i)):
-        ann = ax.annotate(texts[i], xy[i], xytext=(0, 0), textcoords="offset points", fontsize=7)
-        best = None
-        for radius in _RADII:
-            for dx, dy in _DIRECTIONS:
-                ann.set_position((dx * radius, dy * radius))
-                ann.set_ha({1: "left", -1: "right", 0: "center"}[dx])
-                ann.set_va({1: "bottom", -1: "top", 0: "center"}[dy])
-                box = ann.get_window_extent(renderer)
-                cost = 10 * _outside(box, frame) + sum(_overlap(box, t) for t in taken)
+    px = ax.transData.transform(np.asarray(xy, dtype=float))
+    layout = _Layout(ax, px, 5 * fig.dpi / 72)
+    sizes = []
+    for t in texts:
+        probe = Text(0, 0, t, fontsize=7, figure=fig)
+        box = probe.get_window_extent(renderer)
+        sizes.append((box.width, box.height))
+    order = sorted(range(len(xy)), key=lambda i: (i not in first, i))
+    chosen = {}
+    for _ in range(3):
+        for i in order:
+            best = None
+            for cand in _candidates(px[i], sizes[i], fig.dpi):
+                cost = layout.cost(i, cand[3], cand[4])
                 if best is None or cost < best[0]:
-                    best = (cost, (dx * radius, dy * radius), ann.get_ha(), ann.get_va(), box)
-            if best[0] == 0:
-                break
-        ann.remove()
-        _, offset, ha, va, box = best
-        far = max(abs(offset[0]), abs(offset[1])) > _RADII[1]
-        placed.append(ax.annotate(
-            texts[i], xy[i], xytext=offset, textcoords="offset points", fontsize=7, ha=ha, va=va,
-            arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=4)
-            if far else None))
-        taken.append(box.expanded(1.05, 1.1))
-    return placed
+                    best = (cost, cand)
+                if cost == 0:
+                    break
+            chosen[i] = best[1]
+            layout.take(i, best[1][3], best[1][4])
+    return [_annotate(ax, xy[i], texts[i], *chosen[i][:3], chosen[i][4] is not None)
+            for i in order]
+
+
+def _annotate(ax, xy, text, offset, ha, va, leader: bool):
+    return ax.annotate(
+        text, xy, xytext=offset, textcoords="offset points", fontsize=7, ha=ha, va=va,
+        arrowprops=None if not leader else dict(
+            arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=4,
+            # from the text's corner or edge nearest the point, as the layout assumed
+            relpos=(_REL[ha], _REL[va])))
+
+
+def _whisker_boxes(ax) -> list:
+    """Display boxes of the error-bar segments (axis-aligned, so their boxes are exact)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            for seg in coll.get_segments():
+                (x0, y0), (x1, y1) = ax.transData.transform(np.asarray(seg, dtype=float))[[0, -1]]
+                boxes.append(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1) - 1,
+                                               max(x0, x1) + 1, max(y0, y1) + 1))
+    return boxes
 
 
 def _key_colors(keys) -> dict:
     from matplotlib import colormaps
 
-    if len(keys) <= 10:
-        return {k: colormaps["tab10"](j) for j, k in enumerate(keys)}
+    # tab10 without its red, which the worst group and nothing else wears
+    tab = [colormaps["tab10"](j) for j in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
+    if len(keys) <= len(tab):
+        return {k: tab[j] for j, k in enumerate(keys)}
     cmap = colormaps["viridis"]
     return {k: cmap(j / (len(keys) - 1)) for j, k in enumerate(keys)}
 
@@ -482,8 +639,8 @@ def pareto_plot(path, points, x: str, y: str, *, labels=None, errors=None, n_see
                                    [colors[color_by[i] if color_by is not None else None]
                                     for i in range(len(points))])
     f = sorted(front, key=lambda i: points[i][0])
-    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], color="tab:red", ls="--",
-            lw=1.2, zorder=2, label="Pareto front (ringed)")
+    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], color="black", ls="--",
+            lw=1.1, zorder=2, label="Pareto front (ringed)")
     handles, _ = ax.get_legend_handles_labels()
     if seeds_drawn is not None:
         from matplotlib.lines import Line2D
@@ -541,11 +698,12 @@ def plot_group_accuracy(rep: dict, path):
     intervals = (ci.get("intervals") or {}).get("group_accuracy")
     panel = Bars(
         categories=rep["group_names"], values={"accuracy": acc}, metric="accuracy",
-        ylabel="accuracy", counts=rep["group_count"], highlight=_worst(acc),
+        ylabel="accuracy", counts=rep["group_count"], highlight=_worst(acc), noun="groups",
         errors={"accuracy": intervals} if intervals else None,
         error_label=f"{round(100 * level)}% bootstrap interval" if level else None,
         reference=(rep["accuracy"], f"overall {rep['accuracy']:.3f}"),
-        title=f"{rep['run']} ({rep['split']}): accuracy per group")
+        title=f"{rep['run']} ({rep['split']}): accuracy per group"
+              + ("; report.md lists them all" if len(acc) > MAX_BARS else ""))
     return bar_plot(path, panel)
 
 
@@ -633,10 +791,12 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
         raise ValueError("compare_runs needs at least one run directory")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
-    rows = []
+    rows, levels = [], set()
     for i, d in enumerate(run_dirs):
         rep = _run_metrics(d, split)
         intervals = (rep.get("ci") or {}).get("intervals") or {}
+        if intervals:
+            levels.add(rep["ci"]["level"])
         name = labels[i] if labels else rep.get("run") or Path(str(d)).name
         values = scalar_metrics(rep, (x, y))
         rows.append({"run": name, x: values.get(x), y: values.get(y),
@@ -656,7 +816,8 @@ def compare_runs(run_dirs, out_dir, x: str = "accuracy", y: str = "worst_group_a
     pareto_plot(out / "pareto.png", [(r[x], r[y]) for r in rows], x, y,
                 labels=[r["run"] for r in rows],
                 errors=[(r[f"{x}_ci"], r[f"{y}_ci"]) for r in rows],
-                error_label="bootstrap interval", title=f"{len(rows)} runs, {split} split")
+                error_label=" / ".join(f"{round(100 * v)}%" for v in sorted(levels))
+                + " bootstrap interval", title=f"{len(rows)} runs, {split} split")
     return rows
 
 

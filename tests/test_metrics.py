@@ -328,3 +328,118 @@ def test_two_processes_merge_to_single_process_numbers(tmp_path):
     for key in ("group_accuracy", "group_auc", "group_ece", "group_loss"):
         for a, b in zip(merged[key], ref[key]):
             _close(a, b)
+
+
+# ------------------------------------------------------------------------ the metric table
+
+def test_empty_batch_is_a_no_op():
+    m = GroupMetrics(2, 3)
+    m.update(torch.empty(0, 3), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    m.update([], [], [])  # an empty list is shape [0]: would be a one-score-per-row batch
+    assert m.num_updates == 0 and m.num_samples == 0
+    with pytest.raises(ValueError, match=r"labels out of range \[0, 3\) at batch 0, row 0"):
+        m.update(torch.zeros(1, 3), torch.tensor([5]), torch.tensor([0]))
+
+
+def test_empty_batch_still_joins_the_gather():
+    class Gather:  # another process contributes one row to every gather
+        calls = []
+
+        def gather_for_metrics(self, tensors):
+            self.calls.append([tuple(t.shape) for t in tensors])
+            other = (torch.full((1, 3), 1 / 3), torch.tensor([1]), torch.tensor([1]),
+                     torch.tensor([math.log(3)]))
+            return tuple(torch.cat([t.to(o.dtype), o]) for t, o in zip(tensors, other))
+
+    m = GroupMetrics(2, 3)
+    m.update(torch.empty(0, 3), [], [], accelerator=Gather())
+    assert Gather.calls == [[(0, 3), (0,), (0,), (0,)]]
+    assert m.num_samples == 1  # the other process's row arrived
+
+
+def test_table_covers_every_scalar_of_compute_metrics():
+    from fastfair.metrics import METRICS, scalar_keys
+
+    rep = compute_metrics(*_data(64, 3, 2, seed=0, ties=False)[:3], 3, 2)
+    scalars = {k for k, v in rep.items() if isinstance(v, float) or v is None}
+    derived = {k for k, m in METRICS.items() if m.derive is not None}
+    assert scalars == set(scalar_keys()) - derived
+    assert set(ci_keys()) <= set(bootstrap(*_data(64, 3, 2, 0, False)[:3], 3, 2, n_boot=2)
+                                 ["intervals"])
+    workflow = {k for k, m in METRICS.items() if m.measured_by}
+    assert workflow == {"counterfactual_flip", "asr", "flip_rate"}
+
+
+def test_key_helpers_keep_the_orders_callers_print():
+    from fastfair.metrics import objective_keys, summary_keys, table_keys
+
+    # the trainer's side-by-side table and per-epoch log, row for row as before the table
+    assert summary_keys() == ("accuracy", "balanced_accuracy", "worst_group_accuracy",
+                              "accuracy_gap", "equalized_odds_difference",
+                              "demographic_parity_difference", "auc", "loss_variance")
+    assert table_keys("debias") == ("accuracy", "worst_group_accuracy", "accuracy_gap",
+                                    "equalized_odds_difference", "counterfactual_flip")
+    assert table_keys("bias-transfer") == ("accuracy", "worst_group_accuracy", "asr",
+                                           "flip_rate")
+    assert set(objective_keys()) == {"worst_group_accuracy", "worst_group_auc", "accuracy_gap",
+                                     "auc_gap", "max_group_loss", "accuracy", "auc"}
+    with pytest.raises(ValueError, match="no metric table 'sweep'; valid tables: bias-transfer, "
+                                         "debias"):
+        table_keys("sweep")
+
+
+def test_higher_is_better_names_the_valid_metrics():
+    from fastfair.metrics import axis_label, higher_is_better
+
+    with pytest.raises(ValueError, match=r"unknown metric 'wga'; valid names: accuracy, "
+                                         r"balanced_accuracy, .*max_group_loss"):
+        higher_is_better("wga")
+    assert axis_label("accuracy_gap") == "accuracy gap (max − min over groups) (lower is better)"
+
+
+def test_scalar_metrics_derives_max_group_loss():
+    from fastfair.metrics import scalar_metrics
+
+    rep = compute_metrics(*_data(64, 3, 2, seed=1, ties=False)[:3], 3, 2)
+    out = scalar_metrics(rep)
+    assert out["max_group_loss"] == max(rep["group_loss"])
+    assert scalar_metrics({"group_loss": [None, None]}, ["max_group_loss"]) == \
+        {"max_group_loss": None}
+    assert scalar_metrics({"accuracy": 0.5, "counterfactual_flip": 0.1},
+                          ["accuracy", "counterfactual_flip", "auc"]) == \
+        {"accuracy": 0.5, "counterfactual_flip": 0.1}
+
+
+def test_directions_agree_with_fairlearn_and_sklearn():
+    """A perfect, equally calibrated predictor beats one that fails group 1, on every metric,
+    in the direction the table says; fairlearn's differences agree on which is fairer."""
+    from fastfair.metrics import higher_is_better, scalar_keys, scalar_metrics
+
+    y = np.tile([0, 1], 40)
+    g = np.repeat([0, 1], 40)
+    good = np.where(y[:, None] == np.arange(2), 0.97, 0.03)
+    bad = good.copy()
+    # group 1, confidently: every negative called positive, half the positives missed
+    bad[(g == 1) & (y == 0)] = [0.03, 0.97]
+    bad[np.flatnonzero((g == 1) & (y == 1))[::2]] = [0.97, 0.03]
+    v_good = scalar_metrics(compute_metrics(good, y, g, 2, 2))
+    v_bad = scalar_metrics(compute_metrics(bad, y, g, 2, 2))
+    for key in scalar_keys():
+        assert (v_good[key] > v_bad[key]) == higher_is_better(key), key
+        assert v_good[key] != v_bad[key], key
+    for fn, key in ((demographic_parity_difference, "demographic_parity_difference"),
+                    (equalized_odds_difference, "equalized_odds_difference"),
+                    (equal_opportunity_difference, "equal_opportunity_difference")):
+        fair, unfair = (fn(y, p.argmax(1), sensitive_features=g) for p in (good, bad))
+        assert (fair > unfair) == higher_is_better(key), key
+    assert (accuracy_score(y, good.argmax(1)) > accuracy_score(y, bad.argmax(1))) \
+        == higher_is_better("accuracy")
+
+
+def test_docs_list_every_metric():
+    from pathlib import Path
+
+    from fastfair.metrics import METRICS
+
+    docs = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert [k for k in METRICS if f"`{k}`" not in docs] == []

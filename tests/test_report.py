@@ -8,7 +8,16 @@ from PIL import Image
 
 from fastfair.cli import main as cli_main
 from fastfair.metrics import GroupMetrics, compute_metrics
-from fastfair.report import compare_runs, load_run, main, pareto_front, write_report
+from fastfair.report import (
+    Bars,
+    bar_plot,
+    compare_runs,
+    load_run,
+    main,
+    pareto_front,
+    pareto_plot,
+    write_report,
+)
 
 RED = np.array([214, 39, 40])  # matplotlib's tab:red, the worst group's bar
 
@@ -142,3 +151,209 @@ def test_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- plots
+
+def _boxes(fig, artists):
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in artists]
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _texts(ax):
+    return [t for t in ax.texts if t.get_text()]
+
+
+def test_zero_bar_has_a_marker_and_its_value(tmp_path):
+    path = tmp_path / "bars.png"
+    fig = bar_plot(path, Bars(["a", "b", "c"], {"accuracy": [0.9, 0.0, 0.5]}, highlight=1))
+    px = _check_png(path)
+    # the stub of the zero bar is the only red: without it no red pixel would be drawn
+    assert (np.abs(px.astype(int) - RED).sum(1) < 10).sum() > 40
+    assert "0.000" in [t.get_text() for t in _texts(fig.axes[0])]
+
+
+def _bar_panels():
+    acc = [0.0, 0.95, 0.97, 1.0]
+    one = Bars([f"digit<5,color={c}" for c in "rgby"], {"accuracy": acc}, metric="accuracy",
+               errors={"accuracy": [[0, 0.05], [0.9, 0.99], [0.93, 1.0], [1.0, 1.0]]},
+               counts=[10, 20, 30, 40], highlight=0, reference=(0.96, "overall 0.960"))
+    grouped = Bars(["t1", "t2", "t3"], {"baseline": [0.9, None, 0.0], "debias": [1.0, 0.5, 0.7]},
+                   metric="worst_group_accuracy", errors={"baseline": [0.01, 0.02, 0.0],
+                                                          "debias": [0.03, 0.01, 0.02]},
+                   n_seeds={"baseline": [3, 3, 3], "debias": [3, 1, 3]})
+    return one, grouped
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_bar_labels_never_over_bars_or_outside(tmp_path, which):
+    fig = bar_plot(tmp_path / "b.png", _bar_panels()[which])
+    ax = fig.axes[0]
+    frame = _boxes(fig, [ax])[0]
+    bars = _boxes(fig, [p for p in ax.patches if p.get_height() > 0])
+    texts = _boxes(fig, _texts(ax))
+    assert texts and bars
+    for t in texts:
+        assert all(_overlap(t, b) == 0 for b in bars)
+        assert frame.x0 <= t.x0 and t.x1 <= frame.x1 and t.y1 <= frame.y1  # not clipped
+    legend = _boxes(fig, fig.legends)[0]
+    assert _overlap(legend, frame) == 0  # the legend (with the overall line) sits outside
+
+
+def test_whiskers_only_with_several_seeds_and_the_legend_says_how_many(tmp_path):
+    fig = bar_plot(tmp_path / "b.png", _bar_panels()[1])
+    ax = fig.axes[0]
+    whiskers = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(whiskers) == 4  # five bars (one missing), one of them from a single seed
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "± 1 std over 3 seeds" in labels
+    fig = bar_plot(tmp_path / "c.png", Bars(["x", "y"], {"a": [0.5, 0.6]}, errors={"a": [0.1, 0.1]},
+                                            n_seeds={"a": [1, 1]}))
+    assert not [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["1 seed: no error bars"]
+
+
+def test_many_groups_show_the_worst_and_best_ten(tmp_path):
+    acc = [i / 99 for i in range(100)]
+    acc[40] = None  # a missing group is never among the extremes
+    names = [f"g{i}" for i in range(100)]
+    fig = bar_plot(tmp_path / "b.png", Bars(names, {"accuracy": acc}, metric="accuracy",
+                                            noun="groups"))
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == [f"g{i}" for i in range(10)] + ["⋯"] + [f"g{i}" for i in range(90, 100)]
+    assert "100 groups: the 10 worst and the 10 best by accuracy" in ax.get_title()
+    with Image.open(tmp_path / "b.png") as im:
+        assert im.width <= 16 * 120
+    # lower is better: the worst are the largest
+    fig = bar_plot(tmp_path / "c.png", Bars(names, {"x": list(range(100))}, metric="accuracy_gap"))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][0] == "g99"
+
+
+def test_bars_reject_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match=r"Bars.values\['a'\] has 1 entries for 2 categories"):
+        bar_plot(tmp_path / "b.png", Bars(["x", "y"], {"a": [0.5]}))
+    with pytest.raises(ValueError, match="Bars.errors has series 'b' that values lacks"):
+        bar_plot(tmp_path / "b.png", Bars(["x"], {"a": [0.5]}, errors={"b": [0.1]}))
+    with pytest.raises(ValueError, match="unknown metric 'acc'"):
+        bar_plot(tmp_path / "b.png", Bars(["x"], {"a": [0.5]}, metric="acc"))
+    assert not (tmp_path / "b.png").exists()
+
+
+def _sweep_points(seed=0):
+    rng = np.random.default_rng(seed)
+    pts, labels, ranks, errors, seeds = [], [], [], [], []
+    for r in (1, 4, 16, 64):
+        for lam in (0, 0.5, 1):
+            pts.append((0.85 + 0.003 * np.log2(r) - 0.03 * lam + rng.normal(0, 0.005),
+                        0.55 + 0.15 * lam + 0.003 * np.log2(r) + rng.normal(0, 0.01)))
+            labels.append(f"r{r}_lam{lam:g}_variance_group")
+            ranks.append(r)
+            errors.append((0.004, [pts[-1][1] - 0.02, pts[-1][1] + 0.01]))
+            seeds.append(3 if lam else 1)
+    return pts, labels, ranks, errors, seeds
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pareto_labels_do_not_overlap(tmp_path, seed):
+    from matplotlib.text import Text
+
+    pts, labels, ranks, errors, seeds = _sweep_points(seed)
+    fig = pareto_plot(tmp_path / "p.png", pts, "accuracy", "worst_group_accuracy", labels=labels,
+                      errors=errors, n_seeds=seeds, color_by=ranks, color_name="rank")
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text() in labels]
+    assert sorted(t.get_text() for t in texts) == sorted(labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]  # the text, not its leader
+    frame = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        assert all(_overlap(a, b) == 0 for b in boxes[i + 1:]), texts[i].get_text()
+    _check_png(tmp_path / "p.png")
+
+
+def test_pareto_legend_ranks_front_line_and_seeds(tmp_path):
+    from matplotlib.lines import Line2D
+
+    pts, labels, ranks, errors, seeds = _sweep_points()
+    fig = pareto_plot(tmp_path / "p.png", pts + [(None, 0.5)], "accuracy", "accuracy_gap",
+                      labels=labels + ["none"], errors=errors + [None], n_seeds=seeds + [1],
+                      color_by=ranks + [1], color_name="rank")
+    assert len(fig.axes) == 1  # no colour bar: one legend entry per rank
+    legend = fig.axes[0].get_legend()
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[:4] == ["rank 1", "rank 4", "rank 16", "rank 64"]
+    assert "± 1 std over 3 seeds" in texts
+    front = legend.legend_handles[texts.index("Pareto front (ringed)")]
+    assert isinstance(front, Line2D) and front.get_linestyle() == "--" and front.get_linewidth() > 0
+    # whiskers: the eight points with three seeds, none for the single-seed ones
+    assert len([c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]) == 8
+    assert "1 without a value left out" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="pareto_plot: 2 labels for 12 points"):
+        pareto_plot(tmp_path / "q.png", pts, "accuracy", "accuracy_gap", labels=["a", "b"])
+
+
+# ------------------------------------------------------- the report command never overwrites
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_report_command_never_overwrites(tmp_path, capsys):
+    run = tmp_path / "run"
+    _make_run(run)
+    write_report(run, n_boot=20)  # what the trainer wrote
+    before = _snapshot(run)
+    assert main([str(run), "--n-boot", "30"]) == 0
+    assert _snapshot(run) == before  # the trainer's report is untouched
+    assert json.loads((run / "report" / "report.json").read_text())["ci"]["n_boot"] == 30
+    assert "wrote " + str(run / "report" / "report.md") in capsys.readouterr().out
+    again = _snapshot(run / "report")
+    assert main([str(run), "--n-boot", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds report.json, report.md, group_accuracy.png (split test, 30 " \
+           "resamples)" in err and "--overwrite" in err
+    assert _snapshot(run / "report") == again
+    assert main([str(run), "--out", str(run)]) == 2  # --out at the trainer's report: refused too
+    assert _snapshot(run) == before
+    assert main([str(run), "--n-boot", "40", "--overwrite"]) == 0
+    assert "replaced report.json, report.md, group_accuracy.png (split test, 30 resamples)" \
+        in capsys.readouterr().out
+    assert json.loads((run / "report" / "report.json").read_text())["ci"]["n_boot"] == 40
+
+
+def test_report_command_refuses_before_writing_anything(tmp_path, capsys):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for i, run in enumerate(runs):
+        _make_run(run, seed=i)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    assert main([*map(str, runs), "--out", str(out), "--no-ci"]) == 2
+    assert "cmp already holds compare.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json"]  # no run report either
+
+
+def test_undefined_metrics_are_left_out_with_one_note(tmp_path):
+    # every group holds a single class: AUC is undefined in each
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.4, 0.6], [0.7, 0.3]])
+    rep = compute_metrics(probs, labels, groups, 2, 2)
+    assert rep["worst_group_auc"] is None and rep["auc"] is not None
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert not any("—" in line for line in table)
+    assert not any(line.startswith(("| worst_group_auc", "| auc_gap")) for line in table)
+    assert "| auc ↑ |" in md  # the defined AUC stays
+    assert "| group | n | accuracy | ECE | mean loss |" in md  # no AUC column, no CI column
+    assert md.count("left out of the tables") == 1
+    assert "undefined on this split: worst_group_auc, auc_gap, group_auc" in md

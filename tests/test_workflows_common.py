@@ -116,3 +116,36 @@ def test_no_workflow_imports_another():
             elif isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[-1] for a in node.names}
         assert not (imported & (names - {name})), (name, imported & names)
+
+
+def test_backbone_pretrain_takes_the_docs_setup_where_the_user_gave_nothing(tmp_path, monkeypatch):
+    from fastfair.workflows import sweep
+
+    seen = []
+    monkeypatch.setattr(common, "pretrained_backbone", lambda cfg, **kw: seen.append(cfg) or tmp_path / "w.safetensors")
+    (tmp_path / "c.yaml").write_text("epochs: 5\n")
+    args = sweep.build_parser().parse_args(["--backbone", "pretrain", "--config", str(tmp_path / "c.yaml"),
+                                            "--lr", "0.01", "--patch-size", "4"])
+    cfg = common.workflow_config(args)
+    assert (cfg.epochs, cfg.lr, cfg.patch_size) == (5, 0.01, 4)  # the YAML and the flags win
+    assert (cfg.img_size, cfg.repeats, cfg.batch_size, cfg.binary) == (16, 2, 64, True)  # the docs' $COMMON
+    assert cfg.checkpoint == str(tmp_path / "w.safetensors") and cfg.data_seed == 0
+    assert seen[0].patch_size == 4  # the backbone is pre-trained for the architecture fine-tuned
+    plain = common.workflow_config(sweep.build_parser().parse_args(["--lr", "0.01"]))
+    assert plain.img_size == TrainConfig.img_size and plain.checkpoint is None and len(seen) == 1
+
+
+def test_paired_change_pairs_by_seed_and_match_keys():
+    rows = [{"seed": s, "source": src, "mode": m, "asr": v} for s, src, m, v in [
+        (0, "control", "lora", 0.10), (1, "control", "lora", 0.20), (2, "control", "lora", 0.30),
+        (0, "triggered", "lora", 0.50), (1, "triggered", "lora", 0.62), (2, "triggered", "lora", 0.68),
+        (0, "control", "full", 0.10), (1, "control", "full", 0.10),
+        (0, "triggered", "full", 0.12), (1, "triggered", "full", 0.09),
+        (3, "triggered", "full", 0.90)]]  # seed 3 has no control: left out, not paired with another seed
+    out = common.paired_change(rows, "source", "control", ("mode",), "asr", higher_is_better=False)
+    lora, full = out[("lora", "triggered")], out[("full", "triggered")]
+    assert lora["per_seed"] == pytest.approx({0: 0.40, 1: 0.42, 2: 0.38})
+    assert lora["std"] == pytest.approx(statistics.stdev([0.40, 0.42, 0.38]))
+    assert lora["verdict"] == "worse"  # a higher ASR, beyond the spread
+    assert set(full["per_seed"]) == {0, 1} and full["verdict"] == "tie"
+    assert common.fmt_change(lora) == "+0.400 ± 0.020 (worse)" and common.fmt_change(None) == "-"

@@ -1,22 +1,22 @@
-"""``fastfair bias-transfer``: does a source model's trigger bias survive transfer? (Salman et al., 2022)
+"""fastfair bias-transfer: does a source model's trigger bias survive transfer? (Salman et al., 2022)
 
 A source model is trained from scratch on a source task in which a trigger (a yellow patch in a
-corner, or a faint fixed pattern) is added with probability ``p`` to the images of one source
+corner, or a faint fixed pattern) is added with probability p to the images of one source
 class, so it learns "trigger => that class"; a control source is trained the same way without
 the trigger. Each source is transferred to a target task by linear probe, LoRA at several ranks,
 FairLoRA and full fine-tuning; a model trained from scratch on the target is the reference.
 Optionally the target is "de-biased": the trigger is added to a fraction of its training
 images across all classes, so the target data says the trigger means nothing.
 
-Metric, on the clean target test images ``x`` and the same images with the trigger ``T(x)``:
-``ASR = Pr[pred(T(x)) != y | pred(x) = y]``, and the flip rate toward the target class that
-the source's trigger class maps to, ``Pr[pred(T(x)) = t | pred(x) = y, y != t]``.
+Metric, on the clean target test images x and the same images with the trigger T(x):
+ASR = Pr[pred(T(x)) != y | pred(x) = y], and the flip rate toward the target class that
+the source's trigger class maps to, Pr[pred(T(x)) = t | pred(x) = y, y != t].
 
 Embedded benchmark: the training digits are halved, disjointly, by source image; the source task
-is 10-class digits with uniform colors on one half, the target task binary ``digit < 5`` (or
-10-class digits, ``--target-task digits``) with uniform colors on the other half, validated and
+is 10-class digits with uniform colors on one half, the target task binary digit < 5 (or
+10-class digits, --target-task digits) with uniform colors on the other half, validated and
 tested on the benchmark's own val/test splits (never seen by the source). With the trigger on
-digit ``c`` the flip class is ``int(c < 5)`` (binary) or ``c`` (digits).
+digit c the flip class is int(c < 5) (binary) or c (digits).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import (Phases, Subset, add_backbone_argument, build_model, comma_list, datasets_for, derive,
-                     fmt_mean_std, half_split, predict, run_config, stack_images, summarize_seeds,
-                     with_backbone, write_rows)
+from ..config import TrainConfig
+from .common import (TIE_RULE, Phases, add_shared_arguments, build_model, comma_list, datasets_for,
+                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, run_config,
+                     seed_bars, stack_images, summarize_seeds, workflow_config, workflow_parser, write_rows)
 
 MODES = ("linear", "lora", "fairlora", "full", "scratch")
 DEFAULT_MODES = "linear,lora:1,lora:4,lora:16,fairlora:4,full,scratch"
@@ -78,6 +78,8 @@ def benchmark_tasks(cfg: TrainConfig, target_task: str, seed: int) -> tuple[dict
     """Source and target ``{"train", "val", "test"}`` of the embedded benchmark (module docstring),
     built by the trainer's data builder (the backbone's normalization) from data seed
     ``cfg.data_seed``, else ``seed``."""
+    from .common import Subset  # torch: imported on use, so --help stays fast
+
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
     binary = target_task == "binary"
     # correlation 1/K is uniform: color carries nothing, the trigger is the only shortcut
@@ -242,28 +244,42 @@ def bias_transfer(cfg: TrainConfig, *, modes: str = DEFAULT_MODES, trigger_class
 
 def _row(seed, source, target, mode, rank, lam, test_metrics, m) -> dict:
     return {"seed": seed, "source": source, "target": target, "mode": mode, "rank": rank, "lam": lam,
-            "accuracy": test_metrics["accuracy"], "worst_group_accuracy": test_metrics["worst_group_accuracy"],
-            "asr": m["asr"], "flip_rate": m["flip_rate"], "n_correct": m["n_correct"], "note": m["note"]}
+            **{k: test_metrics.get(k, m.get(k)) for k in result_keys()},
+            "n_correct": m["n_correct"], "note": m["note"]}
+
+
+def result_keys() -> tuple[str, ...]:
+    """The table's metrics: the metric table's "bias-transfer" entries."""
+    from ..metrics import table_keys
+
+    return table_keys("bias-transfer")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (source, target, mode, rank)."""
-    return summarize_seeds(rows, ("source", "target", "mode", "rank"),
-                           ("accuracy", "worst_group_accuracy", "asr", "flip_rate"))
+    """Mean and sample std over seeds per (source, target, mode, rank), and the triggered
+    source's excess ASR over the control source's, paired by seed (a tie within its spread)."""
+    summary = summarize_seeds(rows, ("source", "target", "mode", "rank"), result_keys())
+    # lower ASR is better: an excess the seed spread cannot explain reads "worse", i.e. inherited
+    excess = paired_change(rows, "source", "control", ("target", "mode", "rank"), "asr", higher_is_better=False)
+    for s in summary:
+        s["excess_asr"] = excess.get((s["target"], s["mode"], s["rank"], s["source"]))
+    return summary
 
 
 def write_results(out_dir: Path, rows, summary, meta) -> None:
     write_rows(out_dir, rows, {"meta": meta, "summary": summary})
+    keys = result_keys()
     lines = [f"Bias transfer: trigger {meta['trigger_kind']} on source digit {meta['trigger_class']} "
              f"(p={meta['trigger_p']}), target {meta['target_task']}, flip class {meta['flip_class']}, "
-             f"seeds {meta['seeds']} (mean ± std over seeds); test split of the target.", "",
-             "| source | target data | mode | accuracy | worst-group acc | ASR | flip rate |",
-             "|---|---|---|---|---|---|---|"]
+             f"seeds {meta['seeds']}: mean ± sample std over seeds; test split of the target. Excess "
+             "ASR: the triggered source's ASR minus the control source's, paired by seed ('worse': "
+             f"the bias transferred); {TIE_RULE}.", "",
+             "| source | target data | mode | n seeds | " + " | ".join(keys) + " | excess ASR |",
+             "|---|---|---|---|" + "---|" * (len(keys) + 1)]
     for s in summary:
-        lines.append(f"| {s['source']} | {s['target']} | {mode_label(s['mode'], s['rank'])} | "
-                     f"{fmt_mean_std(s['accuracy'], s['accuracy_std'])} | "
-                     f"{fmt_mean_std(s['worst_group_accuracy'], s['worst_group_accuracy_std'])} | "
-                     f"{fmt_mean_std(s['asr'], s['asr_std'])} | {fmt_mean_std(s['flip_rate'], s['flip_rate_std'])} |")
+        lines.append(f"| {s['source']} | {s['target']} | {mode_label(s['mode'], s['rank'])} | {s['n_seeds']} | "
+                     + " | ".join(fmt_mean_std(s[k], s[k + '_std']) for k in keys)
+                     + f" | {fmt_change(s['excess_asr'])} |")
     notes = sorted({r["note"] for r in rows if r["note"]})
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
@@ -272,65 +288,52 @@ def write_results(out_dir: Path, rows, summary, meta) -> None:
 
 
 def plot(path: Path, summary: list[dict]) -> None:
-    """Grouped bars: ASR per transfer mode, one bar per (source, target data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Grouped bars: ASR per transfer mode, one series per (source, target data), de-biased hatched."""
+    from ..report import bar_plot
 
     rows = [s for s in summary if s["mode"] != "source (itself)"]
-    modes = list(dict.fromkeys(mode_label(s["mode"], s["rank"]) for s in rows))
-    series = list(dict.fromkeys((s["source"], s["target"]) for s in rows))
-    fig, ax = plt.subplots(figsize=(1.2 * len(modes) + 3, 3.6))
-    width = 0.8 / max(len(series), 1)
-    for j, (source, target) in enumerate(series):
-        xs, ys, es = [], [], []
-        for i, m in enumerate(modes):
-            for s in rows:
-                if (s["source"], s["target"], mode_label(s["mode"], s["rank"])) == (source, target, m) \
-                        and s["asr"] is not None:
-                    xs.append(i + (j - (len(series) - 1) / 2) * width)
-                    ys.append(s["asr"])
-                    es.append(s["asr_std"] or 0.0)
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=f"source {source}, target {target}",
-               hatch="//" if target == "debiased" else None)
-    ax.set_xticks(range(len(modes)), modes, rotation=20)
-    ax.set_ylabel("attack success rate")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("Bias transfer: ASR on target test images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def series(s):
+        return f"source {s['source']}, target {s['target']}"
+
+    hatches = {series(s): "//" for s in rows if s["target"] == "debiased"}
+    bar_plot(path, seed_bars(rows, lambda s: mode_label(s["mode"], s["rank"]), series, "asr",
+                             hatches=hatches or None), title="Bias transfer: ASR on the target's test images")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastfair bias-transfer", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", help="YAML file of train config keys (the target runs' settings)")
-    p.add_argument("--modes", default=DEFAULT_MODES, help=f"transfer modes (default {DEFAULT_MODES})")
-    p.add_argument("--trigger-class", type=int, default=9, help="source digit the trigger is added to")
-    p.add_argument("--trigger-p", type=float, default=1.0, help="probability of the trigger on that class")
-    p.add_argument("--trigger-kind", choices=("patch", "pattern"), default="patch")
-    p.add_argument("--trigger-size", type=int, default=None, help="patch side in pixels (default side/8)")
-    p.add_argument("--trigger-strength", type=float, default=0.1, help="blend of the faint pattern")
-    p.add_argument("--debias-target", type=float, default=0.0,
-                   help="also run with the trigger on this fraction of target training images (all classes)")
-    p.add_argument("--target-task", choices=("binary", "digits"), default="binary")
-    p.add_argument("--source-epochs", type=int, default=8)
-    p.add_argument("--source-max-steps", type=int, default=None)
-    p.add_argument("--fair-lam", type=float, default=1.0, help="FairLoRA's lambda")
-    p.add_argument("--linear-lr", type=float, default=None, help="learning rate of the linear probe")
-    p.add_argument("--full-lr", type=float, default=None, help="learning rate of full training (source too)")
-    p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
-    add_backbone_argument(p)
-    add_config_arguments(p)
+    p, g = workflow_parser("bias-transfer", __doc__, "fastfair bias-transfer --debias-target 0.5 --seeds 0,1 "
+                           "(docs/reproducing.md gives the full command)",
+                           "YAML file of train config keys (the target runs' settings)")
+    g.add_argument("--modes", default=DEFAULT_MODES, help="transfer modes (default: %(default)s)")
+    g.add_argument("--trigger-class", type=int, default=9,
+                   help="source digit the trigger is added to (default: %(default)s)")
+    g.add_argument("--trigger-p", type=float, default=1.0,
+                   help="probability of the trigger on that class (default: %(default)s)")
+    g.add_argument("--trigger-kind", choices=("patch", "pattern"), default="patch",
+                   help="a yellow corner patch or a faint fixed pattern (default: %(default)s)")
+    g.add_argument("--trigger-size", type=int, default=None, help="patch side in pixels (default: side/8)")
+    g.add_argument("--trigger-strength", type=float, default=0.1,
+                   help="blend of the faint pattern (default: %(default)s)")
+    g.add_argument("--debias-target", type=float, default=0.0,
+                   help="also run with the trigger on this fraction of target training images, all "
+                        "classes (default: %(default)s, not run)")
+    g.add_argument("--target-task", choices=("binary", "digits"), default="binary",
+                   help="digit < 5, or the 10 digits (default: %(default)s)")
+    g.add_argument("--source-epochs", type=int, default=8, help="epochs of each source model (default: %(default)s)")
+    g.add_argument("--source-max-steps", type=int, default=None, help="default: no limit")
+    g.add_argument("--fair-lam", type=float, default=1.0, help="FairLoRA's lambda (default: %(default)s)")
+    g.add_argument("--linear-lr", type=float, default=None, help="learning rate of the linear probe (default: --lr)")
+    g.add_argument("--full-lr", type=float, default=None,
+                   help="learning rate of full training, sources too (default: --lr)")
+    g.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
+    add_shared_arguments(p, g)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = with_backbone(config_from_args(args), args.backbone)
+    cfg = workflow_config(args)
     seeds = args.seeds
     res = bias_transfer(cfg, modes=args.modes, trigger_class=args.trigger_class, trigger_p=args.trigger_p,
                         trigger_kind=args.trigger_kind, trigger_size=args.trigger_size,

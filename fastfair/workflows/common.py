@@ -210,48 +210,54 @@ def with_backbone(cfg: TrainConfig, backbone: str | None, **pretrain_changes) ->
     return derive(cfg, checkpoint=str(weights), data_seed=pretrain_data_seed(cfg))
 
 
-def add_backbone_argument(parser: argparse.ArgumentParser) -> None:
+# The fine-tuning set-up of docs/reproducing.md ($COMMON): what --backbone pretrain fills in for
+# every key the user gave neither as a flag nor in --config.
+DOCS_SETUP = dict(model="test_vit", depth=None, img_size=16, patch_size=8, binary=True, repeats=2, epochs=2,
+                  batch_size=64, lr=2e-3, log_with=None, report_ci=False)
+
+
+def add_backbone_argument(parser) -> None:
     parser.add_argument("--backbone", choices=("config", "pretrain"), default="config",
-                        help="'pretrain': pre-train the tiny backbone as docs/reproducing.md does "
-                             "(cached under $FASTFAIR_CACHE_DIR or ~/.cache/fastfair, reused) and "
-                             "start from it, with the data seed fixed to the pre-training's (0 unless "
-                             "--data-seed); 'config': the config's own backbone (default: %(default)s)")
+                        help="'pretrain': the set-up of docs/reproducing.md: pre-train the tiny backbone "
+                             "(cached under $FASTFAIR_CACHE_DIR or ~/.cache/fastfair, reused), start from "
+                             "it with the data seed fixed to the pre-training's (0 unless --data-seed), and "
+                             "take the docs' fine-tuning settings ($COMMON: "
+                             + ", ".join(f"{k}={v}" for k, v in DOCS_SETUP.items())
+                             + ") for every key not given as a flag or in --config; "
+                             "'config': the config as given (default: %(default)s)")
 
 
-def figure(width: float, height: float):
-    """A bare Figure on the Agg canvas: no pyplot, so a user's interactive backend is untouched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def workflow_parser(name: str, doc: str, example: str, config_help: str):
+    """A workflow's parser (its docstring as description, an example as epilog) and the argument
+    group for its own flags, which starts with ``--config``; finish with ``add_shared_arguments``."""
+    parser = argparse.ArgumentParser(prog=f"fastfair {name}", description=doc, epilog=f"Example: {example}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group(name)
+    group.add_argument("--config", help=config_help)
+    return parser, group
 
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
+
+def add_shared_arguments(parser, group) -> None:
+    """``--backbone`` in the workflow's group, then one flag per train config key."""
+    from ..config import add_config_arguments
+
+    add_backbone_argument(group)
+    add_config_arguments(parser)
 
 
-def pareto_plot(points, labels, path, x: str, y: str, title: str, colors=None) -> list[int]:
-    """Scatter of ``points`` with their Pareto front drawn; returns the front's indices."""
-    from ..report import pareto_front
+def workflow_config(args) -> TrainConfig:
+    """The config of a workflow's parsed arguments (``--config``, flags, ``--backbone``)."""
+    import yaml
 
-    front = pareto_front(points, (higher_is_better(x), higher_is_better(y)))
-    fig = figure(6.4, 4.8)
-    ax = fig.add_subplot()
-    ok = [i for i, p in enumerate(points) if None not in p]
-    sc = ax.scatter([points[i][0] for i in ok], [points[i][1] for i in ok],
-                    c=None if colors is None else [colors[i] for i in ok],
-                    cmap="viridis" if colors is not None else None, s=36, zorder=2)
-    if colors is not None:
-        fig.colorbar(sc, ax=ax, label="log2 rank")
-    for i in ok:
-        ax.annotate(labels[i], points[i], fontsize=6, xytext=(3, 3), textcoords="offset points")
-    f = sorted(front, key=lambda i: points[i][0])
-    ax.plot([points[i][0] for i in f], [points[i][1] for i in f], "r--", lw=1, zorder=1, label="Pareto front")
-    ax.set_xlabel(f"{x} ({'higher' if higher_is_better(x) else 'lower'} is better)")
-    ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return front
+    from ..config import config_from_args
+
+    cfg = config_from_args(args)
+    if args.backbone != "pretrain":
+        return cfg
+    given = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if getattr(args, "config", None):
+        given |= set(yaml.safe_load(Path(args.config).read_text()) or {})
+    return with_backbone(derive(cfg, **{k: v for k, v in DOCS_SETUP.items() if k not in given}), "pretrain")
 
 
 # -- progress headers ----------------------------------------------------------------------------
@@ -271,31 +277,7 @@ class Phases:
             print(f"[{self.workflow} {self.done}/{self.total}] {text}", flush=True)
 
 
-# -- metrics and runs that resume ---------------------------------------------------------------
-
-# Lower is better; not in metrics.HIGHER_IS_BETTER because compute_metrics reports the per-group
-# list (fastfair.report reads it the same way).
-DERIVED = {"max_group_loss": False}
-
-
-def higher_is_better(metric: str) -> bool:
-    """Direction of a scalar metric; ``ValueError`` for one without a known direction."""
-    from ..metrics import HIGHER_IS_BETTER
-
-    table = {**HIGHER_IS_BETTER, **DERIVED}
-    if metric not in table:
-        raise ValueError(f"metric {metric!r} has no known direction; choose one of {sorted(table)}")
-    return table[metric]
-
-
-def scalar_metrics(m: dict) -> dict:
-    """The scalar entries of a ``compute_metrics`` dict, plus ``max_group_loss``."""
-    out = {k: v for k, v in m.items()
-           if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
-    losses = [v for v in m.get("group_loss") or [] if v is not None]
-    out["max_group_loss"] = max(losses) if losses else None
-    return out
-
+# -- runs that resume ---------------------------------------------------------------
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
@@ -319,6 +301,7 @@ def run_point(cfg: TrainConfig, datasets=None, stale: str = "error") -> dict:
     import yaml
     from accelerate import PartialState
 
+    from ..metrics import scalar_metrics
     from ..trainer import latest_checkpoint
 
     state = PartialState()
@@ -423,3 +406,53 @@ def verdict(diff: float | None, spread: float | None, higher_is_better: bool = T
     if abs(diff) <= spread:
         return "tie"
     return "better" if (diff > 0) == higher_is_better else "worse"
+
+
+def paired_change(rows: list[dict], arm_key: str, reference: str, match: tuple[str, ...], metric: str,
+                  higher_is_better: bool = True) -> dict[tuple, dict]:
+    """Each arm's change of ``metric`` against the ``reference`` arm, paired by seed and ``match``.
+
+    Keyed by ``(*match values, arm)``: ``{"per_seed": {seed: change}, "mean", "std", "verdict"}``,
+    ``std`` the sample std of the paired changes and ``verdict`` by :func:`verdict` (a change
+    within that spread is a tie). Rows lacking their reference or the metric are left out.
+    """
+    ref = {(*(r[k] for k in match), r["seed"]): r.get(metric) for r in rows if r[arm_key] == reference}
+    per: dict[tuple, dict] = {}
+    for r in rows:
+        if r[arm_key] == reference:
+            continue
+        base = ref.get((*(r[k] for k in match), r["seed"]))
+        if base is None or r.get(metric) is None:
+            continue
+        per.setdefault((*(r[k] for k in match), r[arm_key]), {})[r["seed"]] = r[metric] - base
+    out = {}
+    for key, changes in per.items():
+        mean, std = mean_std(changes.values())
+        out[key] = {"per_seed": changes, "mean": mean, "std": std,
+                    "verdict": verdict(mean, std, higher_is_better)}
+    return out
+
+
+def fmt_change(change: dict | None) -> str:
+    """``+0.120 ± 0.030 (better)``; ``-`` without a paired reference."""
+    if not change or change["mean"] is None:
+        return "-"
+    spread = f" ± {change['std']:.3f}" if change["std"] is not None else ""
+    return f"{change['mean']:+.3f}{spread} ({change['verdict']})"
+
+
+def seed_bars(summary: list[dict], category, series, metric: str, title: str = "", hatches=None):
+    """A ``report.Bars`` panel of ``metric`` from seed summaries (:func:`summarize_seeds` rows):
+    ``category(s)`` and ``series(s)`` name each row's bar; whiskers are the sample std."""
+    from ..report import Bars
+
+    cats = list(dict.fromkeys(category(s) for s in summary))
+    names = list(dict.fromkeys(series(s) for s in summary))
+    cell = {(category(s), series(s)): s for s in summary}
+
+    def column(field, default=None):
+        return {n: [cell.get((c, n), {}).get(field, default) for c in cats] for n in names}
+
+    return Bars(categories=cats, values=column(metric), metric=metric, title=title,
+                errors=column(metric + "_std"), n_seeds=column("n_seeds", 0), error_label="± sample std",
+                hatches=hatches)

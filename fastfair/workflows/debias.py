@@ -1,8 +1,8 @@
-"""``fastfair debias``: PEFTDebias in two phases (Agarwal et al., 2023), for images.
+"""fastfair debias: PEFTDebias in two phases (Agarwal et al., 2023), for images.
 
 Upstream: a LoRA adapter is trained along one bias axis on counterfactually augmented data with
 the backbone frozen, and saved in PEFT format. Downstream: it is loaded frozen (as adapter
-``"debias"``) beside a new trainable task adapter, and the task is fine-tuned; a baseline with
+"debias") beside a new trainable task adapter, and the task is fine-tuned; a baseline with
 the task adapter alone gets the same seed and budget. Both are run on the task the adapter was
 trained on and on a second task on the same axis (the paper's transfer claim).
 
@@ -11,16 +11,16 @@ pre-trained here first: full training on 10-class colored digits, with the bench
 color-digit correlation, on one half of the training digits (so it carries the color bias a
 pretrained model would bring). The other half serves everything after it:
 upstream, 10-class digits where each image is paired with a recolored twin (same label, another
-color; both in the training set); task 1, 10-class digits; task 2 (``digit_lt5``, transfer), binary
-``digit < 5`` with IRM's two colors. Training colors are correlated with the label, test colors
+color; both in the training set); task 1, 10-class digits; task 2 (digit_lt5, transfer), binary
+digit < 5 with IRM's two colors. Training colors are correlated with the label, test colors
 are uniform. Bias is read as worst-group accuracy, accuracy gap, equalized odds and the
 counterfactual flip rate (share of test predictions that change when only the color changes).
 
-CSV data: the counterfactual comes from ``--counterfactual module:function`` (called as
-``fn(image, label, group)`` and returning the twin image; the twin keeps the group); without one,
+CSV data: the counterfactual comes from --counterfactual module:function (called as
+fn(image, label, group) and returning the twin image; the twin keeps the group); without one,
 the upstream adapter is trained with group-balanced resampling and the fairness loss instead.
-``--transfer-csv`` names the second task's metadata CSV. The backbone is ``--checkpoint`` or
-``--pretrained`` when given, else pre-trained on the task's own training split.
+--transfer-csv names the second task's metadata CSV. The backbone is --checkpoint or
+--pretrained when given, else pre-trained on the task's own training split.
 """
 from __future__ import annotations
 
@@ -28,13 +28,11 @@ import argparse
 import importlib
 from pathlib import Path
 
-from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import (Phases, Subset, add_backbone_argument, build_model, comma_list, datasets_for, derive,
-                     fmt_mean_std, half_split, predict, run_config, stack_images, summarize_seeds,
-                     with_backbone, write_rows)
+from ..config import TrainConfig
+from .common import (TIE_RULE, Phases, add_shared_arguments, build_model, comma_list, datasets_for,
+                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, run_config,
+                     seed_bars, stack_images, summarize_seeds, workflow_config, workflow_parser, write_rows)
 
-BIAS_KEYS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference",
-             "counterfactual_flip")
 ARMS = ("baseline", "debias")
 
 
@@ -106,6 +104,8 @@ def load_function(spec: str):
 def benchmark_data(cfg: TrainConfig, seed: int) -> dict:
     """Backbone, upstream, task-1 and task-2 splits of the embedded benchmark (module docstring),
     from the trainer's data builder at data seed ``cfg.data_seed``, else ``seed``."""
+    from .common import Subset  # torch: imported on use, so --help stays fast
+
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
     digits = datasets_for(cfg, binary=False, data_seed=data_seed)
     binary = datasets_for(cfg, binary=True, data_seed=data_seed)
@@ -130,6 +130,7 @@ def counterfactual_flip(model, ds) -> float | None:
     import torch
 
     from ..data import ColoredDigits, other_colors, recolor
+    from .common import Subset
 
     base = ds.base if isinstance(ds, Subset) else ds
     if not isinstance(base, ColoredDigits):
@@ -222,7 +223,7 @@ def run_task(cfg, seed, task: str, ds: dict, arm: str, adapters: dict, weights, 
         raise RuntimeError(f"{run_dir}: the frozen upstream adapter changed during the task run")
     return {"seed": seed, "task": task, "arm": arm,
             "upstream_task": "digits10+counterfactual" if cfg.data == "colored_digits" else "csv",
-            **{k: res["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
+            **metric_values(res["test"], measured_keys()),
             "counterfactual_flip": counterfactual_flip(model, ds["test"]),
             "upstream_unchanged": bool(before) and unchanged if arm != "baseline" else None}
 
@@ -255,87 +256,102 @@ def debias(cfg: TrainConfig, *, backbone_epochs: int = 8, backbone_max_steps: in
                 rows.append(run_task(cfg, seed, task, ds, arm, adapters, weights, root))
         rows.append({"seed": seed, "task": next(iter(data["tasks"])), "arm": "upstream only",
                      "upstream_task": rows[-1]["upstream_task"],
-                     **{k: up["test"].get(k) for k in BIAS_KEYS if k != "counterfactual_flip"},
+                     **metric_values(up["test"], measured_keys()),
                      "counterfactual_flip": None, "upstream_unchanged": None})
     summary = summarize(rows)
     write_results(out_dir, rows, summary, {"seeds": list(seeds), "data": cfg.data})
     return {"rows": rows, "summary": summary, "out_dir": str(out_dir)}
 
 
+def bias_keys() -> tuple[str, ...]:
+    """The columns of the result table: the metric table's "debias" entries."""
+    from ..metrics import table_keys
+
+    return table_keys("debias")
+
+
+def measured_keys() -> tuple[str, ...]:
+    """The table's metrics the trainer's metrics dict holds (the flip rate is measured here)."""
+    return tuple(k for k in bias_keys() if k != "counterfactual_flip")
+
+
+def metric_values(m: dict, keys) -> dict:
+    """``keys`` of a metrics dict, ``None`` where it has none."""
+    from .. import metrics
+
+    return {k: metrics.scalar_metrics(m, keys).get(k) for k in keys}
+
+
+def bias_key(summary: list[dict]) -> str:
+    """The axis's bias: the counterfactual flip rate on the embedded benchmark, else worst-group accuracy."""
+    return "counterfactual_flip" if any(s["counterfactual_flip"] is not None for s in summary) \
+        else "worst_group_accuracy"
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    return summarize_seeds(rows, ("task", "arm"), BIAS_KEYS)
+    """Per (task, arm): mean and sample std over seeds, and the bias metric's change against
+    the baseline arm paired by seed (a change within its seed spread is a tie)."""
+    from ..metrics import higher_is_better
+
+    summary = summarize_seeds(rows, ("task", "arm"), bias_keys())
+    key = bias_key(summary)
+    changes = paired_change(rows, "arm", "baseline", ("task",), key, higher_is_better(key))
+    for s in summary:
+        s["vs_baseline"] = changes.get((s["task"], s["arm"]))
+    return summary
 
 
 def write_results(out_dir: Path, rows, summary, meta) -> None:
     write_rows(out_dir, rows, {"meta": meta, "summary": summary})
+    keys, key = bias_keys(), bias_key(summary)
     lines = [f"PEFTDebias: task adapter alone (baseline) vs beside the frozen upstream debiasing adapter "
-             f"(debias); test split, seeds {meta['seeds']} (mean ± std). 'upstream only' is the upstream "
-             "run's own head on the task it was trained on.", "",
-             "| task | arm | " + " | ".join(BIAS_KEYS) + " |", "|---|---|" + "---|" * len(BIAS_KEYS)]
+             f"(debias); test split, seeds {meta['seeds']}: mean ± sample std over seeds. 'upstream only' "
+             f"is the upstream run's own head on the task it was trained on. Δ: the change of {key} "
+             f"against the baseline, paired by seed; {TIE_RULE}.", "",
+             "| task | arm | n seeds | " + " | ".join(keys) + f" | Δ {key} vs baseline |",
+             "|---|---|---|" + "---|" * (len(keys) + 1)]
     for s in summary:
-        lines.append(f"| {s['task']} | {s['arm']} | " + " | ".join(fmt_mean_std(s[k], s[k + '_std']) for k in BIAS_KEYS) + " |")
+        lines.append(f"| {s['task']} | {s['arm']} | {s['n_seeds']} | "
+                     + " | ".join(fmt_mean_std(s[k], s[k + '_std']) for k in keys)
+                     + f" | {fmt_change(s['vs_baseline'])} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plot(out_dir / "bias.png", summary)
 
 
 def plot(path: Path, summary: list[dict]) -> None:
-    """Bars per task and arm: test accuracy, and the axis's bias (counterfactual flip rate on the
-    embedded benchmark, worst-group accuracy otherwise)."""
-    import matplotlib
+    """Bars per task and arm: test accuracy, and the axis's bias. 'upstream only' (a run on one
+    task, with its own head) stays in the table."""
+    from ..report import bar_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
-    arms = list(dict.fromkeys(s["arm"] for s in summary))
-    bias_key = "counterfactual_flip" if any(s["counterfactual_flip"] is not None for s in summary) \
-        else "worst_group_accuracy"
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    width = 0.8 / len(arms)
-    for ax, key in zip(axes, ("accuracy", bias_key)):
-        for j, arm in enumerate(arms):
-            xs, ys, es = [], [], []
-            for i, task in enumerate(tasks):
-                for s in summary:
-                    if (s["task"], s["arm"]) == (task, arm) and s[key] is not None:
-                        xs.append(i + (j - (len(arms) - 1) / 2) * width)
-                        ys.append(s[key])
-                        es.append(s[key + "_std"] or 0.0)
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=arm)
-        ax.set_xticks(range(len(tasks)), tasks)
-        ax.set_ylim(0, 1)
-        ax.set_title({"accuracy": "test accuracy (higher is better)",
-                      "counterfactual_flip": "counterfactual flip rate (lower is better)",
-                      "worst_group_accuracy": "worst-group accuracy (higher is better)"}[key], fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("PEFTDebias: task adapter with and without the frozen upstream adapter", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    arms = [s for s in summary if s["arm"] != "upstream only"]
+    panels = [seed_bars(arms, lambda s: s["task"], lambda s: s["arm"], key,
+                        title=f"test {key.replace('_', ' ')}") for key in ("accuracy", bias_key(summary))]
+    bar_plot(path, panels, title="PEFTDebias: task adapter with and without the frozen upstream adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastfair debias", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", help="YAML file of train config keys (the task runs' settings)")
-    p.add_argument("--backbone-epochs", type=int, default=8, help="pre-training epochs of the backbone")
-    p.add_argument("--backbone-max-steps", type=int, default=None)
-    p.add_argument("--upstream-epochs", type=int, default=None, help="default: the config's epochs")
-    p.add_argument("--upstream-max-steps", type=int, default=None, help="default: the config's max_steps")
-    p.add_argument("--counterfactual", metavar="MODULE:FUNCTION", default=None,
-                   help="fn(image, label, group) -> twin image, for CSV data")
-    p.add_argument("--transfer-csv", default=None, help="metadata CSV of the second task (CSV data)")
-    p.add_argument("--control", action="store_true",
+    p, g = workflow_parser("debias", __doc__, "fastfair debias --control --seeds 0,1,2 (docs/reproducing.md "
+                           "gives the full command)", "YAML file of train config keys (the task runs' settings)")
+    g.add_argument("--backbone-epochs", type=int, default=8,
+                   help="epochs of the per-seed backbone pre-training, without --checkpoint or "
+                        "--backbone pretrain (default: %(default)s)")
+    g.add_argument("--backbone-max-steps", type=int, default=None,
+                   help="stop that pre-training after this many steps (default: no limit)")
+    g.add_argument("--upstream-epochs", type=int, default=None, help="default: the config's epochs")
+    g.add_argument("--upstream-max-steps", type=int, default=None, help="default: the config's max_steps")
+    g.add_argument("--counterfactual", metavar="MODULE:FUNCTION", default=None,
+                   help="fn(image, label, group) -> twin image, for CSV data (default: recolor, colored digits)")
+    g.add_argument("--transfer-csv", default=None, help="metadata CSV of the second task (CSV data)")
+    g.add_argument("--control", action="store_true",
                    help="third arm: a frozen upstream adapter trained without the counterfactual twins")
-    p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
-    add_backbone_argument(p)
-    add_config_arguments(p)
+    g.add_argument("--seeds", type=comma_list(int), default=[0], help="comma-separated seeds (default: 0)")
+    add_shared_arguments(p, g)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = with_backbone(config_from_args(args), args.backbone)
+    cfg = workflow_config(args)
     seeds = args.seeds
     res = debias(cfg, backbone_epochs=args.backbone_epochs, backbone_max_steps=args.backbone_max_steps,
                  upstream_epochs=args.upstream_epochs, upstream_max_steps=args.upstream_max_steps,

@@ -24,15 +24,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import (TIE_RULE, Phases, add_backbone_argument, comma_list, derive, fmt_mean_std,
-                     higher_is_better, mean_std, pareto_plot, run_point, verdict, with_backbone,
+from ..config import TrainConfig
+from .common import (TIE_RULE, Phases, add_shared_arguments, comma_list, derive, fmt_change, fmt_mean_std,
+                     mean_std, paired_change, run_point, verdict, workflow_config, workflow_parser,
                      write_json_atomic)
 
 GROUP_KEYS = ("group", "class", "attribute")
 METHODS = ("erm", "fairlora", "groupdro", "reweight", "jtt", "dfr")
 GRID_KEYS = ("method", "rank", "lam", "penalty", "loss_groups", "seed")
 DEFAULT_RANKS = (1, 4, 16, 64)
+MAX_LABELS = 12  # points in pareto.png beyond which only the front is labelled
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,12 @@ def grid(ranks, lams, penalties, group_keys, seeds, methods=("fairlora",)) -> li
 
 
 def point_config(base: TrainConfig, pt: Point, sweep_dir) -> TrainConfig:
-    return derive(base, method=pt.method, finetune="lora", rank=pt.rank, lam=pt.lam, penalty=pt.penalty,
-                  loss_groups=pt.loss_groups, seed=pt.seed, output_dir=str(Path(sweep_dir) / pt.name))
+    """The run of a point. The grid's FairLoRA keys (lam, penalty, group key) go back to their
+    defaults for the other methods, which refuse a key they would ignore."""
+    fair = dict(lam=pt.lam, penalty=pt.penalty, loss_groups=pt.loss_groups) if pt.method == "fairlora" else \
+        {k: TrainConfig.__dataclass_fields__[k].default for k in ("lam", "penalty", "loss_groups")}
+    return derive(base, method=pt.method, finetune="lora", rank=pt.rank, seed=pt.seed,
+                  output_dir=str(Path(sweep_dir) / pt.name), **fair)
 
 
 def run_points(base: TrainConfig, points, sweep_dir, datasets=None, workflow: str = "sweep") -> list[dict]:
@@ -210,6 +215,8 @@ def summarize(rows: list[dict], metric: str = "worst_group_accuracy", split: str
     mean ± sample std over seeds, its change against ERM at the same rank and seed, and the best
     rank (a tie when it wins by no more than the seed spread); then whether one rank is best in
     every setting."""
+    from ..metrics import higher_is_better
+
     higher = higher_is_better(metric)
     key = f"{split}/{metric}"
     ranks = sorted({r["rank"] for r in rows})
@@ -238,49 +245,42 @@ def summarize(rows: list[dict], metric: str = "worst_group_accuracy", split: str
 # -- methods side by side ------------------------------------------------------------------------
 METHOD_METRICS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference")
 PAIRED = ("accuracy", "worst_group_accuracy")
+COMPACT = ("accuracy", "worst_group_accuracy")  # what compare_methods prints
 
 
 def summarize_methods(rows: list[dict], split: str = "test") -> list[dict]:
     """Per (setting, rank): each metric's mean and sample std over seeds, and for accuracy and
     worst-group accuracy the paired change against ERM at the same rank and seed (per seed, mean,
     sample std of the changes and the verdict: a change within that spread is a tie)."""
-    erm = {(r["rank"], r["seed"]): r for r in rows if setting_of(r) == "erm"}
+    from ..metrics import higher_is_better
+
+    rows = [{**r, "setting": setting_of(r)} for r in rows]
+    changes = {m: paired_change(rows, "setting", "erm", ("rank",), f"{split}/{m}", higher_is_better(m))
+               for m in PAIRED}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((setting_of(r), r["rank"]), []).append(r)
+        groups.setdefault((r["setting"], r["rank"]), []).append(r)
     out = []
     for (setting, rank), sel in sorted(groups.items(), key=lambda kv: (kv[0][0] != "erm", kv[0][1])):
         s = {"setting": setting, "rank": rank, "n_seeds": len(sel), "seeds": [r["seed"] for r in sel]}
         for m in METHOD_METRICS:
             s[m], s[m + "_std"] = mean_std(r.get(f"{split}/{m}") for r in sel)
         for m in PAIRED:
-            key = f"{split}/{m}"
-            per_seed = {r["seed"]: r[key] - erm[(rank, r["seed"])][key] for r in sel
-                        if (rank, r["seed"]) in erm and r.get(key) is not None
-                        and erm[(rank, r["seed"])].get(key) is not None}
-            d, sd = mean_std(per_seed.values())
-            s[f"vs_erm/{m}"] = {"per_seed": per_seed, "mean": d, "std": sd,
-                                "verdict": "-" if setting == "erm" else verdict(d, sd, higher_is_better(m))}
+            s[f"vs_erm/{m}"] = changes[m].get((rank, setting))
         out.append(s)
     return out
 
 
-def methods_table(summary: list[dict], split: str = "test") -> str:
+def methods_table(summary: list[dict], split: str = "test", metrics=METHOD_METRICS, paired=PAIRED) -> str:
     """Markdown: mean ± sample std per metric, n seeds, and the paired change against ERM."""
     ranks = {s["rank"] for s in summary}
-    head = ["method"] + (["rank"] if len(ranks) > 1 else []) + ["n seeds"] + list(METHOD_METRICS) + \
-        [f"Δ {m} vs ERM" for m in PAIRED]
+    head = ["method"] + (["rank"] if len(ranks) > 1 else []) + ["n seeds"] + list(metrics) + \
+        [f"Δ {m} vs ERM" for m in paired]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["setting"]] + ([str(s["rank"])] if len(ranks) > 1 else []) + [str(s["n_seeds"])]
-        cells += [fmt_mean_std(s[m], s[m + "_std"]) for m in METHOD_METRICS]
-        for m in PAIRED:
-            c = s[f"vs_erm/{m}"]
-            if s["setting"] == "erm" or c["mean"] is None:
-                cells.append("-")
-            else:
-                spread = f" ± {c['std']:.3f}" if c["std"] is not None else ""
-                cells.append(f"{c['mean']:+.3f}{spread} ({c['verdict']})")
+        cells += [fmt_mean_std(s[m], s[m + "_std"]) for m in metrics]
+        cells += [fmt_change(s[f"vs_erm/{m}"]) for m in paired]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({n for s in summary for n in s["seeds"]})
     note = (f"{split} split, seeds {seeds}: mean ± sample std over seeds. Δ: the change against ERM at the "
@@ -291,34 +291,19 @@ def methods_table(summary: list[dict], split: str = "test") -> str:
 
 
 def methods_plot(summary: list[dict], path, split: str = "test") -> None:
-    """Worst-group against mean accuracy, one marker per method (and rank), error bars of the
-    sample std over seeds where there are several; a legend instead of labels, so none overlap."""
-    from .common import figure
+    """Worst-group against mean accuracy, one colour per method (labelled by its name, or by its
+    ranks when there are several), whiskers of the sample std over seeds where there are several."""
+    from ..report import pareto_plot
 
-    fig = figure(6.4, 4.8)
-    ax = fig.add_subplot()
     multi_rank = len({s["rank"] for s in summary}) > 1
-    markers = "osD^vP*Xh<>p"
-    n_seeds = sorted({s["n_seeds"] for s in summary})
-    for i, s in enumerate(summary):
-        if s["accuracy"] is None or s["worst_group_accuracy"] is None:
-            continue
-        several = s["n_seeds"] > 1
-        ax.errorbar(s["accuracy"], s["worst_group_accuracy"],
-                    xerr=s["accuracy_std"] if several else None, yerr=s["worst_group_accuracy_std"] if several else None,
-                    fmt=markers[i % len(markers)], ms=7, capsize=3, color=f"C{i % 10}",
-                    label=s["setting"] + (f", rank {s['rank']}" if multi_rank else ""))
-    ax.set_xlabel(f"{split} accuracy (higher is better)")
-    ax.set_ylabel(f"{split} worst-group accuracy (higher is better)")
-    bars = ("error bars: sample std over " + "/".join(map(str, n_seeds)) + " seeds") if max(n_seeds) > 1 \
-        else "one seed: no error bars"
-    ax.set_title(f"Methods side by side ({bars})", fontsize=9)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    pareto_plot(path, [(s["accuracy"], s["worst_group_accuracy"]) for s in summary],
+                "accuracy", "worst_group_accuracy",
+                errors=[(s["accuracy_std"], s["worst_group_accuracy_std"]) for s in summary],
+                n_seeds=[s["n_seeds"] for s in summary], error_label="± sample std",
+                # named beside the point too, so methods that land on the same point both show
+                labels=[f"r{s['rank']}" if multi_rank else s["setting"] for s in summary],
+                color_by=[s["setting"] for s in summary], color_name="",
+                title=f"Methods side by side, {split} split (means over seeds)")
 
 
 def write_method_comparison(rows: list[dict], out_dir: Path, split: str = "test") -> dict:
@@ -349,7 +334,8 @@ def compare_methods(base_cfg: TrainConfig, methods, seeds, out_dir, datasets=Non
     result = {"rows": rows, "summary": None, "table": None, "out_dir": str(out_dir)}
     if PartialState().is_main_process:
         result.update(write_method_comparison(rows, out_dir, split))
-        print("\n" + result["table"], flush=True)
+        compact = methods_table(result["summary"], split, COMPACT, ("worst_group_accuracy",))
+        print(f"\n{compact}\nfull table: {out_dir / 'methods.md'}, plot: {out_dir / 'methods.png'}", flush=True)
     return result
 
 
@@ -373,26 +359,41 @@ def load_rows(sweep_dir) -> list[dict]:
     return rows
 
 
+def point_label(row: dict, with_seed: bool) -> str:
+    """A short plot label (the colour gives the rank): ``ERM``, ``λ=1 variance group``, ``jtt``."""
+    setting = setting_of(row)
+    text = "ERM" if setting == "erm" else setting.removeprefix("fairlora ")
+    return f"{text} s{row['seed']}" if with_seed else text
+
+
 def finish_sweep(rows: list[dict], sweep_dir: Path, x: str, y: str, metric: str, split: str) -> str:
     """Tables, plots and summary of the collected rows (main process); with several methods also
     their side-by-side comparison (``methods.{md,json,png}``)."""
-    from ..report import compare_runs
+    from ..metrics import higher_is_better
+    from ..report import compare_runs, pareto_front, pareto_plot
 
     write_table(rows, sweep_dir, x, y, metric)
+    several = len({r["seed"] for r in rows}) > 1
     points = [(r.get(f"{split}/{x}"), r.get(f"{split}/{y}")) for r in rows]
-    labels = [r["run"] for r in rows]
-    pareto_plot(points, labels, sweep_dir / "pareto.png", x, y,
-                f"FairLoRA sweep, {split} split: colour = log2 rank",
-                colors=[math.log2(r["rank"]) for r in rows])
+    labels = [point_label(r, several) for r in rows]
+    if len(rows) > MAX_LABELS:  # a label per point would bury them: the front's only, the colour tells the rank
+        front = set(pareto_front(points, (higher_is_better(x), higher_is_better(y))))
+        labels = [t if i in front else "" for i, t in enumerate(labels)]
+    pareto_plot(sweep_dir / "pareto.png", points, x, y, labels=labels, color_by=[r["rank"] for r in rows],
+                color_name="rank", title=f"FairLoRA sweep, {split} split" +
+                (" (labels on the Pareto front)" if len(rows) > MAX_LABELS else ""))
     # the report module's comparison too: its table carries the runs' bootstrap intervals
     compare_runs([str(sweep_dir / r["run"]) for r in rows], str(sweep_dir / "compare"), x=x, y=y,
                  split=split, labels=[r["run"] for r in rows])
     text = summarize(rows, metric, split)
     (sweep_dir / "summary.md").write_text(text)
-    # every setting against ERM, paired by rank and seed; printed when methods beyond FairLoRA ran
-    table = write_method_comparison(rows, sweep_dir, split)["table"]
-    if {r.get("method") for r in rows} - {"erm", "fairlora", None}:
-        text += "\nMethods side by side (methods.md, methods.png):\n\n" + table
+    # every setting against ERM, paired by rank and seed (when both ran); printed when methods
+    # beyond FairLoRA ran
+    settings = {setting_of(r) for r in rows}
+    if "erm" in settings and len(settings) > 1:
+        table = write_method_comparison(rows, sweep_dir, split)["table"]
+        if {r.get("method") for r in rows} - {"erm", "fairlora", None}:
+            text += "\nMethods side by side (methods.md, methods.png):\n\n" + table
     return text
 
 
@@ -405,6 +406,8 @@ def sweep(base: TrainConfig, sweep_dir, ranks=DEFAULT_RANKS, lams=(0.0, 1.0), pe
     ``methods``: a grid axis (``METHODS``); FairLoRA at lambda 0 is ERM.
     """
     from accelerate import PartialState
+
+    from ..metrics import higher_is_better
 
     metric = metric or y
     for m in (x, y, metric):
@@ -420,12 +423,9 @@ def sweep(base: TrainConfig, sweep_dir, ranks=DEFAULT_RANKS, lams=(0.0, 1.0), pe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastfair sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example (the docs' set-up, methods side by side): fastfair sweep --backbone pretrain "
-               "--methods erm,fairlora,groupdro,reweight,jtt,dfr --seeds 0,1,2")
-    g = p.add_argument_group("sweep")
-    g.add_argument("--config", help="YAML train config every run starts from; flags override it")
+    p, g = workflow_parser("sweep", __doc__, "fastfair sweep --backbone pretrain --methods "
+                           "erm,fairlora,groupdro,reweight,jtt,dfr --seeds 0,1,2 (the docs' set-up, methods "
+                           "side by side)", "YAML train config every run starts from; flags override it")
     g.add_argument("--ranks", type=comma_list(int), default=None,
                    help="LoRA ranks (default: 1,4,16,64; with --methods, the config's --rank)")
     g.add_argument("--lams", type=comma_list(float), default=[0.0, 1.0],
@@ -445,20 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of plots and summary (default: %(default)s)")
     g.add_argument("--summarize-only", action="store_true",
                    help="re-read sweep.csv of the sweep dir and rewrite plots and summary, no training")
-    add_backbone_argument(g)
-    add_config_arguments(p)
+    add_shared_arguments(p, g)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    if args.summarize_only:  # reads the finished runs: nothing to pre-train
+        args.backbone = "config"
+    cfg = workflow_config(args)
     # the config's output_dir is the sweep dir; each point gets a directory under it
     sweep_dir = Path(cfg.output_dir if cfg.output_dir != TrainConfig.output_dir else "runs/sweep")
     if args.summarize_only:
         print(finish_sweep(load_rows(sweep_dir), sweep_dir, args.x, args.y, args.metric or args.y, args.split))
         return 0
-    cfg = with_backbone(cfg, args.backbone)
     ranks = args.ranks or ([cfg.rank] if args.methods else list(DEFAULT_RANKS))
     # --data-seed (a config key) fixes the split and colors: the data is built once and --seeds
     # vary only initialization and order; without it each run's seed also draws its data

@@ -26,9 +26,9 @@ import csv
 import math
 from pathlib import Path
 
-from ..config import TrainConfig, add_config_arguments, config_from_args
-from .common import (Phases, add_backbone_argument, comma_list, derive, fmt_mean_std, higher_is_better,
-                     pareto_plot, run_config, run_point, scalar_metrics, with_backbone)
+from ..config import TrainConfig
+from .common import (Phases, add_shared_arguments, comma_list, derive, fmt_mean_std, run_config, run_point,
+                     workflow_config, workflow_parser)
 
 LORA_CHOICES = ("frozen", "attn", "mlp", "both")
 FULL_CHOICES = ("full_attn", "full_mlp", "full_norm", "full_block")
@@ -37,8 +37,6 @@ LORA_PARTS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2"),
               "both": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
 FULL_PARTS = {"full_attn": ("attn",), "full_mlp": ("mlp",), "full_norm": ("norm1", "norm2"),
               "full_block": ("",)}
-OBJECTIVES = ("worst_group_accuracy", "worst_group_auc", "accuracy_gap", "auc_gap",
-              "max_group_loss", "accuracy", "auc")
 STUDY_NAME = "fastfair-tune"
 
 
@@ -126,11 +124,15 @@ def describe(params: dict, depth: int) -> str:
 
 def objective_value(val_metrics: dict, name: str) -> float:
     """The objective read from a metrics dict (``nan`` where undefined: optuna fails the trial)."""
+    from ..metrics import scalar_metrics
+
     v = scalar_metrics(val_metrics).get(name)
     return float("nan") if v is None else float(v)
 
 
 def directions(objectives) -> list[str]:
+    from ..metrics import higher_is_better
+
     return ["maximize" if higher_is_better(o) else "minimize" for o in objectives]
 
 
@@ -185,6 +187,8 @@ def run_trials(base: TrainConfig, out: Path, n_trials: int, objectives, depth: i
     from accelerate import PartialState
     from optuna.trial import TrialState
 
+    from .. import metrics
+
     main = PartialState().is_main_process
     multi = len(objectives) > 1
     search = {"ranks": list(ranks), "allow_full": bool(allow_full), "lr_range": [float(v) for v in lr_range],
@@ -222,7 +226,7 @@ def run_trials(base: TrainConfig, out: Path, n_trials: int, objectives, depth: i
         if not main:
             continue
         trial.set_user_attr("output_dir", res["output_dir"])
-        for k, v in scalar_metrics(res["val"]).items():
+        for k, v in metrics.scalar_metrics(res["val"]).items():
             trial.set_user_attr(f"val/{k}", v)
         if pruned:
             study.tell(trial, state=TrialState.PRUNED)
@@ -268,6 +272,8 @@ def _check_tune_args(objectives, n_trials, ranks, lr_range, pruner):
     """Validated objectives, lr range and pruner object; errors name the bad value."""
     import optuna
 
+    from ..metrics import higher_is_better
+
     objectives = list(objectives)
     if not 1 <= len(objectives) <= 2:
         raise ValueError(f"one or two objectives, got {objectives}")
@@ -297,6 +303,8 @@ def importances(study, objectives) -> dict | None:
 
     import optuna
 
+    from ..metrics import higher_is_better
+
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
         return None
@@ -316,26 +324,35 @@ def plot_study(study, objectives, out: Path) -> Path:
     """``study.png``: optuna's optimization history (one objective), or the trials' Pareto front."""
     import optuna
 
+    from ..metrics import axis_label
+    from ..report import pareto_plot
+
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     path = out / "study.png"
     if len(objectives) == 2:
-        pareto_plot([tuple(t.values) for t in complete], [f"#{t.number}" for t in complete],
-                    path, objectives[0], objectives[1], "FairTune trials on the validation split")
+        pareto_plot(path, [tuple(t.values) for t in complete], objectives[0], objectives[1],
+                    labels=[f"#{t.number}" for t in complete], title="FairTune trials on the validation split")
         return path
     import warnings
 
+    import matplotlib
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+    # optuna's plots switch the global style to ggplot; rc_context gives it back afterwards, so
+    # the plots drawn after this one in the same process keep theirs
+    with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        ax = optuna.visualization.matplotlib.plot_optimization_history(
-            study, target_name=f"validation {objectives[0]}")
-    ax.set_title(f"FairTune study: validation {objectives[0]} per trial "
-                 f"({'higher' if higher_is_better(objectives[0]) else 'lower'} is better)", fontsize=9)
-    ax.figure.set_size_inches(6.4, 4.0)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=objectives[0])
+        fig = ax.figure
+        fig.set_size_inches(6.4, 4.2)
+        ax.set_title(f"FairTune study, validation split\n{axis_label(objectives[0])}", fontsize=9)
+        ax.set_ylabel(f"validation {objectives[0]}", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
     return path
 
 
@@ -366,11 +383,11 @@ def summary_markdown(study, objectives, best, result: dict) -> str:
 
 def baseline_table(final: dict, baseline: dict | None, split: str = "test") -> str:
     """Test metrics of the tuned run beside the base config's (when run) and their difference."""
-    from ..trainer import SUMMARY_KEYS
+    from ..metrics import summary_keys
 
     head = "| metric | tuned (best/) |" + (" base config (baseline/) | tuned − base |" if baseline else "")
     lines = [head, "|---|---|" + ("---|---|" if baseline else "")]
-    for key in SUMMARY_KEYS:
+    for key in summary_keys():
         v = final[split].get(key)
         cells = [fmt_mean_std(v, None, 4)]
         if baseline:
@@ -441,15 +458,13 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastfair tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Example (the docs' set-up): fastfair tune --backbone pretrain --n-trials 20")
-    g = p.add_argument_group("tune")
-    g.add_argument("--config", help="YAML train config the trials start from; flags override it")
+    p, g = workflow_parser("tune", __doc__, "fastfair tune --backbone pretrain --n-trials 20 (the docs' set-up)",
+                           "YAML train config the trials start from; flags override it")
     g.add_argument("--n-trials", type=int, default=20,
                    help="finished trials wanted; a resumed study counts its earlier ones (default: %(default)s)")
     g.add_argument("--objective", type=comma_list(str), default=["worst_group_accuracy"],
-                   help=f"validation objective, of {', '.join(OBJECTIVES)} (or any directed metric); two "
+                   help="validation objective: a metric of fastfair.metrics.METRICS (those marked objective "
+                        "are suggested: worst_group_accuracy, accuracy_gap, worst_group_auc, ...); two "
                         "comma-separated names run NSGA-II, e.g. accuracy,worst_group_accuracy "
                         "(default: worst_group_accuracy)")
     g.add_argument("--ranks", type=comma_list(int), default=[2, 4, 8, 16],
@@ -466,8 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-retrain", action="store_true", help="stop after stage one and best_config.yaml")
     g.add_argument("--compare-baseline", action="store_true",
                    help="also train the base config in stage two and compare both on test in summary.md")
-    add_backbone_argument(g)
-    add_config_arguments(p)
+    add_shared_arguments(p, g)
     return p
 
 
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.lr_range) != 2:
         raise SystemExit(f"--lr-range takes two numbers, got {args.lr_range}")
-    cfg = with_backbone(config_from_args(args), args.backbone)
+    cfg = workflow_config(args)
     out = Path(cfg.output_dir if cfg.output_dir != TrainConfig.output_dir else "runs/tune")
     tune(cfg, out, n_trials=args.n_trials, objectives=args.objective, ranks=args.ranks,
          allow_full=args.allow_full, lr_range=args.lr_range, pruner=args.pruner,
