@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..config import TrainConfig
-from .common import comma_list, derive, fmt_mean_std, mean_std, pretrained_backbone, verdict
+from .common import comma_list, derive, fmt_mean_std, mean_std, paired_change, pretrained_backbone
 
 METHODS_SHOWN = ("erm", "fairlora", "groupdro", "dfr")
 LABELS = {"erm": "ERM", "fairlora": "FairLoRA (λ=1)", "groupdro": "GroupDRO", "dfr": "DFR",
@@ -66,16 +66,10 @@ def run_all(base: TrainConfig, methods, seeds, out: Path) -> tuple[list[dict], l
     return rows, list(datasets["train"].group_names)
 
 
-def paired_change(rows: list[dict], method: str, key: str = "worst_group_accuracy") -> list[float]:
-    """Per seed, ``method`` minus ERM on ``key`` (seeds where both ran)."""
-    erm = {r["seed"]: r[key] for r in rows if r["method"] == "erm"}
-    return [r[key] - erm[r["seed"]] for r in rows if r["method"] == method and r["seed"] in erm
-            and r[key] is not None and erm[r["seed"]] is not None]
-
-
 def table(rows: list[dict]) -> str:
     """Markdown: per method, test metrics as mean ± sample std, the seed count, and the paired
     change in worst-group accuracy against ERM with its verdict."""
+    change = paired_change(rows, "method", "erm", (), "worst_group_accuracy")
     lines = ["| method | seeds | test accuracy | test worst-group acc. | test accuracy gap | "
              "worst-group acc. − ERM (paired) | vs ERM |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -84,9 +78,8 @@ def table(rows: list[dict]) -> str:
         if name == "erm":
             delta, word = "", "baseline"
         else:
-            d = paired_change(rows, name)
-            m, s = mean_std(d)
-            delta, word = fmt_mean_std(m, s), verdict(m, s)
+            c = change.get((name,), {"mean": None, "std": None, "verdict": "n/a"})
+            delta, word = fmt_mean_std(c["mean"], c["std"]), c["verdict"]
         lines.append(f"| {LABELS.get(name, name)} | {len(sel)} | " + " | ".join(cells) + f" | {delta} | {word} |")
     return "\n".join(lines)
 
