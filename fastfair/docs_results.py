@@ -38,7 +38,7 @@ VERSIONED = ("torch", "timm", "triton", "accelerate", "peft", "scikit-learn", "n
 # --------------------------------------------------------------------------- the experiments
 
 PRETRAIN = ("fastfair train --model test_vit --depth null --img-size 16 --patch-size 8 --finetune full "
-            "--binary false --correlation 0.1 --repeats 2 --epochs 6 --lr 0.001 --batch-size 64 "
+            "--method erm --select-by null --binary false --correlation 0.1 --repeats 2 --epochs 6 --lr 0.001 --batch-size 64 "
             "--log-with null --report-ci false --output-dir {work}/pretrain")
 COMMON = ("--model test_vit --depth null --img-size 16 --patch-size 8 "
           "--checkpoint {work}/pretrain/model/model.safetensors --binary true --repeats 2 --epochs 2 "
