@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: Path, group_names) -> None:
         errors[label] = [s for _, s in stats]
         n[label] = [len([v for v in g if v is not None]) for g in per_group]
     bar_plot(path, Bars(categories=list(group_names), values=values, errors=errors, n_seeds=n,
-                        metric="accuracy", ylabel="test accuracy per group", error_label="± sample std over seeds",
+                        metric="accuracy", ylabel="test accuracy per group", error_label="± sample std",
                         title="colored digits (label, color): test accuracy per group"),
              title="ERM vs FairLoRA, GroupDRO and DFR on the pre-trained tiny ViT")
 
