@@ -18,7 +18,7 @@ from .backend import check_backend
 from .distributed import all_reduce_sum
 from .ops.grouped_ce import check_flags, grouped_cross_entropy, new_flags
 
-PENALTIES = ("variance", "std", "range", "worst", "cvar", "none")
+PENALTIES = ("variance", "std", "range", "worst", "dro", "cvar", "none")
 
 
 class FairnessLossOutput(NamedTuple):
@@ -54,6 +54,9 @@ class FairnessLoss(nn.Module):
       updated first, in training mode, by ``q_g ← q_g · exp(step_size · L_g)`` (present groups
       only; ``step_size`` is an inverse temperature) and renormalized. ``q`` is the buffer
       ``dro_q``, so it is checkpointed with the state dict.
+    * ``"dro"``: the same weighted loss minus ``ce``, so that with ``lam = 1`` the loss is
+      exactly GroupDRO's objective ``Σ q_g L_g`` (Sagawa et al.) and ``lam`` in (0, 1)
+      interpolates ``(1 − lam)·CE + lam·Σ q_g L_g``; ``"worst"`` adds it to the full CE instead.
     * ``"cvar"``: the mean of the worst ``alpha`` fraction of present groups, the boundary group
       counted fractionally when ``alpha·k`` is not an integer (exact CVaR of the uniform
       distribution over groups, continuous in ``alpha``).
@@ -105,7 +108,7 @@ class FairnessLoss(nn.Module):
         self.backend = check_backend(backend)
         self.validate = validate
         self.register_buffer("flags", new_flags(), persistent=False)
-        if penalty == "worst":
+        if penalty in ("worst", "dro"):
             self.register_buffer("dro_q", torch.full((num_groups,), 1.0 / num_groups))
 
     def extra_repr(self) -> str:
@@ -132,14 +135,14 @@ class FairnessLoss(nn.Module):
         k = present.sum()
         ce = gsum.sum() / gcount.sum().clamp(min=1)
         L = gsum / gcount.clamp(min=1)
-        pen = self._penalty(L, present, k)
+        pen = self._penalty(L, present, k, ce)
         pen = torch.where(k >= 2, pen, torch.zeros_like(pen))
         # No gradient path through n_bad: only the value turns NaN, loudly, until check().
         loss = ce + self.lam * pen + torch.where(n_bad > 0, float("nan"), 0.0)
         group_loss = torch.where(present, L, float("nan")).detach()
         return FairnessLossOutput(loss, ce, pen, group_loss, gcount)
 
-    def _penalty(self, L, present, k):
+    def _penalty(self, L, present, k, ce):
         if self.penalty == "none":
             return L.new_zeros(())
         if self.penalty == "variance":
@@ -153,10 +156,11 @@ class FairnessLoss(nn.Module):
             hi = torch.where(present, L, float("-inf")).max()
             lo = torch.where(present, L, float("inf")).min()
             return torch.where(k >= 2, hi - lo, 0.0)
-        if self.penalty == "worst":
+        if self.penalty in ("worst", "dro"):
             q = self._update_dro(L.detach(), present) if self.training else self.dro_q
             w = torch.where(present, q.to(L.dtype), 0.0)
-            return (w * L).sum() / w.sum().clamp(min=torch.finfo(L.dtype).tiny)
+            robust = (w * L).sum() / w.sum().clamp(min=torch.finfo(L.dtype).tiny)
+            return robust - ce if self.penalty == "dro" else robust
         # cvar: weights 1 for the floor(alpha·k) worst groups, the fraction left for the next one.
         a = self.alpha * k.to(L.dtype)
         Ls, _ = torch.sort(torch.where(present, L, float("-inf")), descending=True)

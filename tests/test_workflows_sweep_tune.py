@@ -352,7 +352,7 @@ def test_compare_methods_end_to_end(tmp_path, small, monkeypatch, capsys):
     calls = count_train_calls(monkeypatch)
     cfg = base(tmp_path, epochs=1, max_steps=2, batch_size=32, lam=0.0)
     res = sweep_mod.compare_methods(cfg, ["fairlora", "jtt"], [0, 1], tmp_path / "m", datasets=small)
-    assert len(calls) == 6  # ERM is added: 3 methods x 2 seeds
+    assert len(calls) == 8  # ERM is added: 3 methods x 2 seeds, and JTT trains twice per seed
     methods = [load_config(tmp_path / "m" / r["run"] / "config.yaml").method for r in res["rows"]]
     assert sorted(methods) == ["erm", "erm", "fairlora", "fairlora", "jtt", "jtt"]
     fair = next(r for r in res["rows"] if r["method"] == "fairlora")
@@ -365,7 +365,7 @@ def test_compare_methods_end_to_end(tmp_path, small, monkeypatch, capsys):
         assert (tmp_path / "m" / f).stat().st_size > 0
     # a second call reuses every finished run
     sweep_mod.compare_methods(cfg, ["fairlora", "jtt"], [0, 1], tmp_path / "m", datasets=small)
-    assert len(calls) == 6
+    assert len(calls) == 8
 
 
 @pytest.mark.parametrize("module", ["sweep", "tune", "debias", "bias_transfer"])

@@ -35,11 +35,12 @@ def derive(base: TrainConfig, **changes) -> TrainConfig:
 
 
 def run_config(cfg: TrainConfig, **train_kwargs) -> dict:
-    """Train ``cfg``: the one place the workflows start a run. Same arguments and result as
-    ``fastfair.trainer.train`` (looked up at call time, so a test can watch it)."""
-    from .. import trainer
+    """Train ``cfg`` by its ``method``: the one place the workflows start a run. Same arguments
+    and result as ``fastfair.trainer.train``, which ``fastfair.methods.run`` calls (looked up at
+    call time, so a test can watch it); ``train`` alone would ignore ``method``."""
+    from .. import methods
 
-    return trainer.train(cfg, **train_kwargs)
+    return methods.run(cfg, **train_kwargs)
 
 
 def datasets_for(cfg: TrainConfig, **changes) -> dict:
