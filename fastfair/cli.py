@@ -16,6 +16,8 @@ COMMANDS = {
     "tune": ("fastfair.workflows.tune", "FairTune: search what to fine-tune by validation fairness"),
     "debias": ("fastfair.workflows.debias", "PEFTDebias: upstream debiasing adapter, then the task"),
     "bias-transfer": ("fastfair.workflows.bias_transfer", "measure bias transfer (Salman et al.)"),
+    "main-job": ("fastfair.workflows.main_job", "ERM vs FairLoRA, GroupDRO and DFR over 3 seeds (the "
+                 "README's main job)"),
 }
 # The source checkout's root: it holds kernels/ (installed as fastfair.kernels), which must not
 # stand in for the unrelated top-level `kernels` package that bitsandbytes imports.

@@ -19,7 +19,7 @@ import yaml
 
 # Kept in step with fastfair.losses.PENALTIES and fastfair.backend.BACKENDS (a test checks):
 # importing those modules would load torch, and --help must not wait for it.
-PENALTIES = ("variance", "std", "range", "worst", "cvar", "none")
+PENALTIES = ("variance", "std", "range", "worst", "dro", "cvar", "none")
 BACKENDS = ("auto", "torch", "triton")
 METHODS = ("erm", "fairlora", "groupdro", "reweight", "jtt", "dfr")
 
@@ -150,10 +150,10 @@ class TrainConfig:
                           section="method")
     jtt_upweight: float = opt(5.0, "JTT: how many times each error of that run is repeated",
                               range=Range(1), section="method")
-    dfr_epochs: int = opt(20, "DFR: epochs of last-layer retraining on the balanced validation half",
-                          range=POSITIVE_INT, section="method")
-    dfr_lr: float = opt(1e-2, "DFR: learning rate of the last-layer retraining", range=POSITIVE,
-                        section="method")
+    dfr_c_grid: list = opt([1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], "DFR: inverse L1 strengths the "
+                           "held-out validation half chooses from (DFR's own grid)", section="method")
+    dfr_subsets: int = opt(10, "DFR: group-balanced subsets each last-layer fit is averaged over",
+                           range=POSITIVE_INT, section="method")
     select_by: str | None = opt("auto", "validation metric whose best epoch is kept and tested; auto: "
                                 "worst_group_accuracy when there are groups; null: the last epoch",
                                 section="method")

@@ -33,11 +33,7 @@ import torch
 # The config keys that belong to one method or another; a key a method does not read must keep
 # its default, so a flag the chosen method would silently ignore is an error instead.
 METHOD_KEYS = ("lam", "penalty", "penalty_alpha", "dro_step_size", "loss_groups", "balanced_sampling",
-               "jtt_epochs", "jtt_upweight", "dfr_epochs", "dfr_lr")
-# DFR's grid of inverse L1 strengths, as in its code (Kirichenko et al.), and how many balanced
-# subsets each fit is averaged over; read from the config when it has these keys.
-DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-DFR_SUBSETS = 10
+               "jtt_epochs", "jtt_upweight", "dfr_c_grid", "dfr_subsets")
 
 
 @dataclass(frozen=True)
@@ -112,8 +108,6 @@ _HINTS = {
     ("groupdro", "lam"): "; groupdro minimizes Σ q_g L_g alone, for CE + lam·Σ q_g L_g use "
                          "method=fairlora penalty=worst",
     ("groupdro", "penalty"): "; groupdro sets its own objective (penalty 'dro' at lam 1)",
-    ("dfr", "dfr_epochs"): "; DFR refits the last layer by logistic regression, which has no epochs",
-    ("dfr", "dfr_lr"): "; DFR refits the last layer by logistic regression, which has no learning rate",
 }
 
 
@@ -271,7 +265,7 @@ def _logits(coef, intercept, x):
     return np.concatenate([-z / 2, z / 2], 1) if coef.shape[0] == 1 else z
 
 
-def retrain_last_layer(model, val_ds, seed: int = 0, c_grid=DFR_C_GRID, n_subsets: int = DFR_SUBSETS,
+def retrain_last_layer(model, val_ds, *, c_grid, n_subsets: int, seed: int = 0,
                        batch_size: int = 256) -> dict:
     """DFR on ``model``: only its classifier changes, fit on validation rows only.
 
@@ -341,8 +335,8 @@ def _run_dfr(cfg, kw):
     if "test" not in stage1:  # stopped by the caller (a pruned trial): nothing to refit
         return stage1
     val = datasets["val"]
-    info = retrain_last_layer(model, val, seed=cfg.seed, c_grid=tuple(getattr(cfg, "dfr_c_grid", DFR_C_GRID)),
-                              n_subsets=int(getattr(cfg, "dfr_subsets", DFR_SUBSETS)),
+    info = retrain_last_layer(model, val, seed=cfg.seed, c_grid=tuple(cfg.dfr_c_grid),
+                              n_subsets=cfg.dfr_subsets,
                               batch_size=cfg.eval_batch_size)
     # "val" is the tuning half B: half A trained the head, so its accuracy would flatter it
     splits = {"val": Subset(val, info["half_b"]), "test": datasets["test"]}

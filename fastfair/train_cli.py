@@ -17,9 +17,6 @@ Every TrainConfig key is a flag taking a YAML value (--targets '[qkv, fc1]', --c
 with --resume RUN_DIR, replace it with --overwrite."""
 
 
-DEMO_LAM = 1.0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastfair train", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,9 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest intact checkpoint, with its config; "
                         "only flags that do not change the run are accepted")
-    p.add_argument("--demo", action="store_true",
-                   help=f"train twice, lam=0 and lam={DEMO_LAM:g}, and print both test results side by side "
-                        "(replacing an earlier demo's runs)")
     add_config_arguments(p)
     return p
 
@@ -59,35 +53,15 @@ def side_by_side(runs: dict[str, dict], split: str = "test") -> str:
     return "\n".join(lines)
 
 
-def demo(cfg: TrainConfig) -> int:
-    """The same run with lam = 0 and with FairLoRA's lam, reported side by side."""
-    from accelerate import PartialState
-
-    from .trainer import train
-
-    base = cfg.output_dir if cfg.output_dir != TrainConfig.output_dir else "runs/demo"
-    runs = {}
-    for name, lam in (("ERM (lam=0)", 0.0), (f"FairLoRA (lam={DEMO_LAM:g})", DEMO_LAM)):
-        out = Path(base) / ("erm" if lam == 0 else "fairlora")
-        runs[name] = train(cfg.replace(lam=lam, output_dir=str(out), overwrite=True))
-    if PartialState().is_main_process:
-        print("\nfastfair demo: colored digits (color spuriously tied to the digit in training, "
-              "uncorrelated in test); test split\n")
-        print(side_by_side(runs))
-        print(f"\nreports: {base}/erm/report.md, {base}/fairlora/report.md (and group_accuracy.png)")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training diverged (non-finite), 2 bad flags, config or run directory."""
     args = build_parser().parse_args(argv)
-    from .trainer import NonFiniteTraining, train
+    from .methods import run
+    from .trainer import NonFiniteTraining
 
     try:
         cfg = resume_config(args) if args.resume else config_from_args(args)
-        if args.demo:
-            return demo(cfg)
-        res = train(cfg, resume=args.resume)
+        res = run(cfg, resume=args.resume)  # by cfg.method; the trainer alone would ignore it
     except NonFiniteTraining as e:
         print(f"fastfair train: {e}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ def test_every_field_is_a_documented_flag():
 
 
 @pytest.mark.parametrize("key", ["lr", "alpha", "lam", "weight_decay", "penalty_alpha", "dro_step_size",
-                                 "correlation", "jtt_upweight", "dfr_lr", "min_lr_ratio"])
+                                 "correlation", "jtt_upweight", "min_lr_ratio"])
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_every_float_must_be_finite(key, value):
     with pytest.raises(ValueError, match=f"{key} must be finite"):

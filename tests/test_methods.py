@@ -45,9 +45,8 @@ def runs(monkeypatch):
     (dict(method="groupdro", penalty="std"), "penalty='std' does not apply to method='groupdro'"),
     (dict(method="groupdro", lam=0.5), "method=fairlora penalty=worst"),
     (dict(method="reweight", lam=1.0), "lam=1.0 does not apply"),
-    (dict(method="jtt", dfr_lr=0.1), "dfr_lr=0.1 does not apply to method='jtt'"),
+    (dict(method="jtt", dfr_subsets=3), "dfr_subsets=3 does not apply to method='jtt'"),
     (dict(method="dfr", jtt_upweight=3.0), "jtt_upweight=3.0 does not apply"),
-    (dict(method="dfr", dfr_epochs=5), "has no epochs"),
     (dict(method="fairlora", jtt_epochs=2), "jtt_epochs=2 does not apply"),
     (dict(method="jtt", jtt_upweight=2.5), "whole number"),
     (dict(method="jtt", jtt_epochs=0), "jtt_epochs must be an integer >= 1"),
@@ -148,7 +147,7 @@ def test_dfr_refits_only_the_last_layer_on_balanced_validation_rows(tmp_path, ru
     # the logistic regressions saw validation labels at exactly those rows (each C draws the same subsets)
     for y, rows in zip(fitted, info["subsets"]):
         assert np.array_equal(y, labels[rows])
-    assert len(fitted) == info["n_subsets"] * len(methods.DFR_C_GRID)
+    assert len(fitted) == info["n_subsets"] * len(TrainConfig().dfr_c_grid)
     assert sum(res["val"]["group_count"]) == len(b)  # "val" is the tuning half, not the fitting one
     assert (tmp_path / "run" / "dfr_head.safetensors").is_file() and (tmp_path / "run" / "report.json").is_file()
 

@@ -54,7 +54,8 @@ def run_all(base: TrainConfig, methods, seeds, out: Path) -> tuple[list[dict], l
     rows = []
     for seed in seeds:
         for name in methods:
-            cfg = derive(base, method=name, seed=seed, checkpoint=str(weights),
+            # overwrite: the main job owns its output directory, a rerun replaces its own runs
+            cfg = derive(base, method=name, seed=seed, checkpoint=str(weights), overwrite=True,
                          output_dir=str(out / f"{name}_s{seed}"), **METHOD_SETTINGS.get(name, {}))
             t0 = time.time()
             res = registry.run(cfg, datasets=datasets)
@@ -104,11 +105,15 @@ def plot(rows: list[dict], path: Path, group_names) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py (no arguments)", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="fastfair main-job", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--methods", type=comma_list(str), default=list(METHODS_SHOWN))
-    p.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
-    p.add_argument("--output-dir", default="runs/main_job")
+    p.add_argument("--methods", type=comma_list(str), default=list(METHODS_SHOWN),
+                   help="methods to compare, comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2],
+                   help="seeds, comma-separated (default: %(default)s)")
+    p.add_argument("--output-dir", default="runs/main_job",
+                   help="where the runs, results.json and the plot go; a rerun replaces them "
+                        "(default: %(default)s)")
     return p
 
 
