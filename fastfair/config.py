@@ -213,9 +213,11 @@ class TrainConfig:
             raise ValueError(f"image size {size} is not a multiple of patch_size={self.patch_size}")
         if self.data == "csv" and not self.csv_path:
             raise ValueError("data='csv' needs csv_path (and image_root)")
-        if (self.pretrained or self.checkpoint) and self.depth is not None:
-            raise ValueError(f"depth={self.depth} changes the architecture, so pretrained or checkpoint "
-                             "weights cannot load; set depth to null")
+        # timm's hub weights have the architecture's own depth; a local checkpoint may have been
+        # trained at this depth, and loading it checks that every tensor fits (models.py)
+        if self.pretrained and self.depth is not None:
+            raise ValueError(f"depth={self.depth} changes the architecture, so pretrained weights "
+                             "cannot load; set depth to null")
         return self
 
     def check_applicable(self, given) -> "TrainConfig":

@@ -61,15 +61,27 @@ def load_backbone_weights(model: nn.Module, path) -> list[str]:
     own = model.state_dict()
     if not set(seen) & set(own):
         raise ValueError(f"checkpoint {p} matches no parameter of {type(model).__name__}")
+    # strict=False above lets the classifier differ; anything else missing or extra is another
+    # architecture (another depth, say), which would leave layers silently random
+    head = set(_head_keys(model))
+    extra = sorted(k for k in seen if k not in own)
+    missing = sorted(k for k in own if k not in seen and k not in head)
+    if extra or missing:
+        raise ValueError(f"checkpoint {p} is another architecture than {type(model).__name__}: "
+                         f"{len(extra)} tensors the model lacks {extra[:4]}, {len(missing)} the "
+                         f"checkpoint lacks {missing[:4]} (depth or size differ?)")
     return dropped + [k for k in own if k not in seen and k not in dropped]
+
+
+def _head_keys(model: nn.Module) -> list[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return [f"{n}.{k}" for n, m in model.named_modules() if m is head and n for k in m.state_dict()]
 
 
 def _misfit_head(state: dict, model: nn.Module) -> list[str]:
     """The classifier's tensors whose shape differs from the model's (a new task's head)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
     own = model.state_dict()
-    names = {f"{n}.{k}" for n, m in model.named_modules() if m is head and n for k in m.state_dict()}
-    return [k for k in names if k in state and state[k].shape != own[k].shape]
+    return [k for k in _head_keys(model) if k in state and state[k].shape != own[k].shape]
 
 
 def setup_finetuning(model: nn.Module, cfg) -> InjectionSummary:

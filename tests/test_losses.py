@@ -194,10 +194,10 @@ def test_std_penalty_of_a_nan_variance_is_nan_not_zero():
     fn = FairnessLoss(3, penalty="std")
     L = torch.tensor([1.0, float("nan"), 2.0])
     present = torch.tensor([True, True, True])
-    assert math.isnan(fn._penalty(L, present, present.sum()).item())
+    assert math.isnan(fn._penalty(L, present, present.sum(), torch.tensor(0.0)).item())
     # an exact 0 still gives 0 with a finite gradient
     L0 = torch.tensor([1.5, 1.5, 1.5], requires_grad=True)
-    pen = fn._penalty(L0, present, present.sum())
+    pen = fn._penalty(L0, present, present.sum(), torch.tensor(0.0))
     pen.backward()
     assert pen.item() == 0.0 and torch.isfinite(L0.grad).all()
 

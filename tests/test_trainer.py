@@ -222,6 +222,16 @@ def test_local_checkpoint_resamples_position_embeddings_and_rejects_misfits(tmp_
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match=r"does not fit VisionTransformer.*patch_embed"):
         load_backbone_weights(vit(num_classes=3, img_size=32, embed_dim=96, num_heads=3), tmp_path / "w.pth")
+    # another depth: blocks the checkpoint lacks would stay random, blocks the model lacks be dropped
+    for depth in (2, None):
+        kw = dict(depth=depth) if depth else {}
+        with pytest.raises(ValueError, match=r"another architecture.*blocks\.1\."):
+            load_backbone_weights(timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8,
+                                                    num_classes=3, img_size=32, **kw), tmp_path / "w.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8, num_classes=10,
+                                 img_size=32, depth=2).state_dict(), tmp_path / "w2.pth")
+    with pytest.raises(ValueError, match=r"another architecture.*the model lacks \['blocks\.1\."):
+        load_backbone_weights(vit(num_classes=3, img_size=32), tmp_path / "w2.pth")
 
 
 def test_train_split_smaller_than_a_batch_is_an_error(tmp_path):

@@ -20,9 +20,9 @@ def test_derive_validates_and_leaves_the_base_alone():
     base = TrainConfig(**TINY)
     d = common.derive(base, rank=16, lr="1e-3")
     assert (d.rank, d.lr, base.rank) == (16, 1e-3, TrainConfig.rank)
-    d.targets.append("head")
+    d.exclude.append("head")
     d.rank_pattern["blocks.0.attn.qkv"] = 2
-    assert "head" not in base.targets and base.rank_pattern == {}
+    assert "head" not in base.exclude and base.rank_pattern == {}
     with pytest.raises(ValueError, match="rank"):
         common.derive(base, rank=0)
     with pytest.raises(ValueError, match=r"\['no_such_key'\]"):
