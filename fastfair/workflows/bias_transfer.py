@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from .common import (TIE_RULE, Phases, add_shared_arguments, build_model, comma_list, datasets_for,
-                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, run_config,
+                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, print_results,
+                     run_config,
                      seed_bars, stack_images, summarize_seeds, workflow_config, workflow_parser, write_rows)
 
 MODES = ("linear", "lora", "fairlora", "full", "scratch")
@@ -341,6 +342,4 @@ def main(argv: list[str] | None = None) -> int:
                         target_task=args.target_task, source_epochs=args.source_epochs,
                         source_max_steps=args.source_max_steps, fair_lam=args.fair_lam,
                         linear_lr=args.linear_lr, full_lr=args.full_lr, seeds=seeds)
-    print((Path(res["out_dir"]) / "results.md").read_text())
-    print(f"fastfair bias-transfer: table and plot in {res['out_dir']}")
-    return 0
+    return print_results("bias-transfer", res["out_dir"])

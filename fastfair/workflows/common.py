@@ -358,6 +358,13 @@ def fmt_mean_std(mean, std, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def print_results(command: str, out_dir) -> int:
+    """A workflow's closing words: its results table and where the files are."""
+    print((Path(out_dir) / "results.md").read_text())
+    print(f"fastfair {command}: table and plot in {out_dir}")
+    return 0
+
+
 def write_rows(out_dir: Path, rows: list[dict], payload: dict) -> None:
     """``results.csv`` (one row per run) and ``results.json`` (``payload`` plus the rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)

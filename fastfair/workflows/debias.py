@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from .common import (TIE_RULE, Phases, add_shared_arguments, build_model, comma_list, datasets_for,
-                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, run_config,
+                     derive, fmt_change, fmt_mean_std, half_split, paired_change, predict, print_results,
+                     run_config,
                      seed_bars, stack_images, summarize_seeds, workflow_config, workflow_parser, write_rows)
 
 ARMS = ("baseline", "debias")
@@ -357,6 +358,4 @@ def main(argv: list[str] | None = None) -> int:
                  upstream_epochs=args.upstream_epochs, upstream_max_steps=args.upstream_max_steps,
                  counterfactual=args.counterfactual, transfer_csv=args.transfer_csv, seeds=seeds,
                  control=args.control)
-    print((Path(res["out_dir"]) / "results.md").read_text())
-    print(f"fastfair debias: table and plot in {res['out_dir']}")
-    return 0
+    return print_results("debias", res["out_dir"])
