@@ -80,6 +80,11 @@ class Timing:
     cpu_reps: int = 5
     rounds: int = 1
     host_calls: int = 200
+    # The command that reruns the benchmark script (``[python, script, *args]``): each (round,
+    # provider) is then set up and timed in a fresh process. On the CPU a model built second in a
+    # process ran up to 10% slower than the one built first (allocator state), which decided a
+    # 0.9x-vs-1.0x comparison by build order alone. Empty: one process.
+    isolate: Sequence[str] = ()
 
 
 # -- modes: a case -> the zero-argument call to time ----------------------------------------
@@ -347,6 +352,57 @@ def _ratios(slots: list[_Slot], baselines: Sequence[str]) -> None:
                 s.row[f"x_{b}_range"] = f"{min(per_round):.3g}-{max(per_round):.3g}"
 
 
+CHILD_ENV = "FASTFAIR_BENCH_CHILD"
+
+
+def _child(bench: Benchmark, device, timing: Timing, job: dict) -> None:
+    """In an isolated child: set up one provider at one shape, measure each of its slots once and
+    write ``[{row, kind, samples}]`` to ``job["out"]``."""
+    shape = bench.shapes[job["shape"]]
+    one = Benchmark(bench.name, bench.shapes, {job["provider"]: bench.providers[job["provider"]]},
+                    make_inputs=bench.make_inputs)
+    inputs = bench.make_inputs(shape, device)
+    out = []
+    for s in _prepare(one, shape, inputs, device, job["modes"], job["runners"]):
+        samples = None
+        if s.run is not None:
+            try:
+                samples = _measure(s.kind, s.run, device, timing)
+            except Exception as e:
+                s.row["note"] = f"{type(e).__name__}: {str(e)[:160]}"
+        out.append({"row": s.row, "kind": s.kind, "samples": samples})
+    Path(job["out"]).write_text(json.dumps(out, default=str))
+
+
+def _isolated_slots(bench, shape_index, device, modes, runners, timing: Timing) -> list[_Slot]:
+    """Every (round, provider) in a fresh run of this script; the order rotates per round."""
+    import tempfile
+
+    slots: dict[tuple, _Slot] = {}
+    providers = list(bench.providers)
+    for r in range(timing.rounds):
+        for provider in providers[r % len(providers):] + providers[:r % len(providers)]:
+            with tempfile.TemporaryDirectory() as tmp:
+                job = dict(shape=shape_index, provider=provider, modes=list(modes), runners=list(runners),
+                           out=str(Path(tmp) / "out.json"))
+                proc = subprocess.run(list(timing.isolate), env={**os.environ, CHILD_ENV: json.dumps(job)},
+                                      capture_output=True, text=True)
+                out = Path(job["out"])
+                if proc.returncode != 0 or not out.exists():
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                    key = (provider, None, None)
+                    slots[key] = _Slot({**bench.shapes[shape_index], "provider": provider,
+                                        "note": f"child process failed ({proc.returncode}): {tail[0][:160]}"}, "error")
+                    continue
+                for item in json.loads(out.read_text()):
+                    row = item["row"]
+                    key = (provider, row.get("runner"), row.get("mode"))
+                    slot = slots.setdefault(key, _Slot(row, item["kind"], run=None))
+                    if item["samples"] is not None:
+                        slot.rounds.append(item["samples"])
+    return list(slots.values())
+
+
 def _quantiles(samples: list[float]) -> dict:
     if len(samples) < 2:
         return {"median": samples[0]}
@@ -354,7 +410,12 @@ def _quantiles(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "p20": q[1], "p80": q[7], "samples": len(samples)}
 
 
-def run_shape(bench, shape, device, modes, runners, timing: Timing) -> list[dict]:
+def run_shape(bench, shape, device, modes, runners, timing: Timing, index: int = 0) -> list[dict]:
+    if timing.isolate:
+        slots = _isolated_slots(bench, index, device, modes, runners, timing)
+        _ratios(slots, bench.baselines)
+        return [{**s.row, **_quantiles([v for r in s.rounds for v in r])} if s.rounds else s.row
+                for s in slots]
     inputs = bench.make_inputs(shape, device)
     slots = _prepare(bench, shape, inputs, device, modes, runners)
     for _ in range(timing.rounds):
@@ -390,20 +451,28 @@ def run_benchmarks(bench: Benchmark, device: torch.device | str, *, modes: Seque
 
     Shapes left when the budget runs out are listed as skipped, not silently dropped. Results are
     rewritten after every shape; ``on_shape(shape, rows)`` lets the script print as it goes.
+    With ``timing.isolate`` the script is rerun once per (round, provider); in that child this
+    function measures its one job, writes it for the parent and exits the process.
     """
+    import sys
+
     device = torch.device(device)
     modes = [m for m in (modes or bench.modes) if not (m == "memory" and device.type != "cuda")]
     runners = [r for r in runners if r == "eager" or device.type == "cuda"]
     timing = timing or Timing()
+    if os.environ.get(CHILD_ENV):
+        _child(bench, device, timing, json.loads(os.environ[CHILD_ENV]))
+        sys.exit(0)
     results_dir = Path(results_dir) if results_dir is not None else RESULTS
     env = environment(device)
     env["runners"], env["modes"], env["rounds"] = list(runners), list(modes), timing.rounds
+    env["isolated"] = bool(timing.isolate)
     start, rows, skipped = time.monotonic(), [], []
     for i, shape in enumerate(bench.shapes):
         if budget_s is not None and time.monotonic() - start > budget_s:
             skipped = bench.shapes[i:]
             break
-        shape_rows = run_shape(bench, shape, device, modes, runners, timing)
+        shape_rows = run_shape(bench, shape, device, modes, runners, timing, i)
         rows += shape_rows
         if on_shape is not None:
             on_shape(shape, shape_rows)

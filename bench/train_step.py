@@ -54,7 +54,8 @@ def build(kind: str, model_name: str, model_kw: dict, device):
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=names,
                                                  modules_to_save=["head"]))
     elif kind in ("fastfair", "ff_int8"):
-        inject_lora(model, targets=TARGETS, r=RANK, alpha=2 * RANK)
+        # the same layers as peft's: the bare 'proj' would also catch the patch-embedding conv
+        inject_lora(model, targets=TARGETS, r=RANK, alpha=2 * RANK, exclude=("patch_embed.proj",))
         if kind == "ff_int8":
             quantize_backbone(model)
         loss = FairnessLoss(NUM_GROUPS, lam=LAM)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=None, help="comma-separated; default: every kind on CUDA, "
                                                  "peft,fastfair,floor on the CPU")
     ap.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds (ratio spread)")
-    ap.add_argument("--reps", type=int, default=2, help="CPU: timed steps per kind per round")
+    ap.add_argument("--reps", type=int, default=3, help="CPU: timed steps per kind per round")
     ap.add_argument("--smoke", action="store_true", help="a toy model, one round: the script runs")
     ap.add_argument("--budget-s", type=float, default=None)
     ap.add_argument("--results-dir", default=None)
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     kinds = args.kinds or ("peft,fastfair,ff_int8,floor,full" if device.type == "cuda" else "peft,fastfair,floor")
     shapes = SHAPES["smoke" if args.smoke else device.type]
+    rerun = (sys.executable, __file__, *(sys.argv[1:] if argv is None else argv))
     timing = (Timing(warmup_ms=100, rep_ms=500) if device.type == "cuda"
-              else Timing(cpu_warmup=1, cpu_reps=1 if args.smoke else args.reps,
-                          rounds=1 if args.smoke else args.rounds))
+              else Timing(cpu_warmup=1 if args.smoke else 2, cpu_reps=1 if args.smoke else args.reps,
+                          rounds=1 if args.smoke else args.rounds, isolate=() if args.smoke else rerun))
     bench = Benchmark(
         "train_step", shapes, {k: _setup(k) for k in kinds.split(",")}, ("peft", "floor", "full"),
         modes=("full", "memory"), make_inputs=_inputs,

@@ -77,6 +77,37 @@ def test_harness_budget_lists_what_it_skipped(tmp_path):
     assert "Not measured (time budget spent): 2 shape(s)" in md.read_text()
 
 
+ISOLATED_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {bench!r})
+from harness import Benchmark, Case, Timing, run_benchmarks
+
+def setup(shape, inputs, device):
+    x = torch.randn(4, 4)
+    return Case(lambda: x @ x, note=str(os.getpid()))
+
+bench = Benchmark("iso", [dict(n=4)], {{"a": setup, "b": setup}}, baselines=("a",), modes=("full",))
+timing = Timing(cpu_warmup=0, cpu_reps=2, rounds=3, isolate=(sys.executable, __file__))
+run_benchmarks(bench, "cpu", timing=timing, results_dir={out!r})
+print("parent", os.getpid())
+"""
+
+
+def test_harness_isolates_each_round_and_provider_in_its_own_process(tmp_path):
+    script = tmp_path / "iso.py"
+    script.write_text(ISOLATED_SCRIPT.format(bench=str(BENCH), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("parent") == 1  # the children exit inside run_benchmarks
+    data = json.loads((tmp_path / "iso-cpu.json").read_text())
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert data["env"]["isolated"] is True and set(rows) == {"a", "b"}
+    assert all(r["samples"] == 3 * 2 for r in rows.values())  # three rounds of two reps each
+    assert "x_a" in rows["b"] and "-" in rows["b"]["x_a_range"]
+    parent = int(proc.stdout.split()[-1])
+    assert int(rows["a"]["note"]) != parent and rows["a"]["note"] != rows["b"]["note"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path; the GPU runs the real one")
 def test_gpu_check_cpu_smoke_writes_summary(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--cpu-smoke", "--sections",

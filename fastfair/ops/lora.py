@@ -107,14 +107,18 @@ def _base(weight, weight_scale):
 def _stacked(lora_A, lora_B, coefs, dt, K, N, device):
     if not lora_A:
         return torch.empty((0, K), dtype=dt, device=device), torch.empty((N, 0), dtype=dt, device=device)
+    if len(lora_A) == 1:  # no cat: a copy per call and layer for nothing
+        return lora_A[0].to(dt), lora_B[0].to(dt) * coefs[0]
     return (torch.cat([A.to(dt) for A in lora_A]),
             torch.cat([B.to(dt) * c for B, c in zip(lora_B, coefs)], 1))
 
 
-def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, merged, need_xa=True):
+def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, merged, need_xa=True,
+                  keep_merged=None):
     """``(y, xa_s, masks)``: ``xa_s[:, a] = c_a (keep_a ⊙ x) A_aᵀ`` (saved for dB; [M, 0] when
     ``need_xa`` is off and merged, sparing a pass over x), ``masks`` packed (``[0, M, ·]``
-    without dropout). ``dropout`` is already 0 for eval calls."""
+    without dropout). ``dropout`` is already 0 for eval calls. ``keep_merged``: a list that
+    receives the merged weight ``W'`` (merged only) so backward need not form it again."""
     K, dt = x.shape[-1], x.dtype
     x2 = x.reshape(-1, K)
     M, base = x2.shape[0], _base(weight, weight_scale)
@@ -126,7 +130,10 @@ def torch_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout
     masks = (draw_masks(seed, M, K, dropout) if drop
              else torch.empty((0, M, (K + 7) // 8), dtype=torch.uint8, device=x.device))
     if merged:
-        y = F.linear(x2, merged_weight(base, A_cat, B_s, dt), b)
+        w_merged = merged_weight(base, A_cat, B_s, dt)
+        if keep_merged is not None:
+            keep_merged.append(w_merged)
+        y = F.linear(x2, w_merged, b)
         xa = (x2 @ A_cat.t()) * _rank_cols(coefs, lora_A, dt, x.device) if need_xa else x2.new_empty((M, 0))
     else:
         y = F.linear(x2, dense_weight(base, dt), b)
@@ -149,8 +156,10 @@ def _rank_cols(coefs, lora_A, dt, device):
     return torch.tensor([c for c, A in zip(coefs, lora_A) for _ in range(A.shape[0])], dtype=dt, device=device)
 
 
-def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scales, dropout, merged, needs):
+def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scales, dropout, merged, needs,
+                   w_merged=None):
     """``(dx, dbias (fp32 or fp64), dA, dB)`` of ``torch_forward``; unneeded ones are empty [0] tensors.
+    ``w_merged``: the forward's ``W'`` (merged), else it is formed again.
 
     ``g_s = dY B_s`` (scales folded into B); ``dA_a = g_aᵀ (keep_a ⊙ x)``, ``dB_a = dYᵀ xa_a``;
     ``dX = dY W'`` when merged, else ``dY W + Σ_a keep_a ⊙ (g_a A_a)``.
@@ -170,7 +179,7 @@ def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scale
     dx = empty()
     if needs[0]:
         if merged:
-            dx = dy2 @ merged_weight(base, A_cat, B_s, dt)
+            dx = dy2 @ (merged_weight(base, A_cat, B_s, dt) if w_merged is None else w_merged)
         else:
             dx = dy2 @ dense_weight(base, dt)
             for a in range(n):
@@ -336,15 +345,50 @@ def _problem(x, weight, lora_A, dropout, training) -> tuple:
             x.device.type, len(lora_A), triton_interpreting())
 
 
+class _EagerTorchLoRA(torch.autograd.Function):
+    """Eager calls of the plain-PyTorch designs: the custom op's own forward and backward without
+    its dispatch (pytree flattening, schema defaults: about 0.3 ms of Python per layer and step,
+    measured on the CPU, 3x what peft's layer costs). A dense merged call also keeps its ``W'`` for
+    backward (one weight-sized tensor per layer) instead of forming it twice per step; an int8 base
+    forms it again so the step never holds a 16-bit copy of every weight. torch.compile traces the
+    custom op instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias, scales, dropout, seed, merged, need_xa, *ab):
+        n = len(ab) // 2
+        keep = [] if merged and weight_scale is None else None
+        y, xa, masks = torch_forward(x, weight, weight_scale, bias, ab[:n], ab[n:], scales, dropout, seed,
+                                     merged, need_xa, keep_merged=keep)
+        ctx.save_for_backward(x, weight, weight_scale, xa, masks, keep[0] if keep else None, *ab)
+        ctx.meta = (n, scales, dropout, merged, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, weight_scale, xa, masks, w_merged, *ab = ctx.saved_tensors
+        n, scales, dropout, merged, bias_dtype = ctx.meta
+        need = ctx.needs_input_grad
+        needs = [need[0], need[3], *need[9:]]
+        dx, dbias, dA, dB = torch_backward(dy, x, weight, weight_scale, ab[:n], ab[n:], xa, masks, scales,
+                                           dropout, merged, needs, w_merged=w_merged)
+        grads = [t if needs[2 + i] else None for i, t in enumerate([*dA, *dB])]
+        return (dx if need[0] else None, None, None, dbias.to(bias_dtype) if need[3] else None,
+                None, None, None, None, None, *grads)
+
+
 def _run_op(x, weight, bias, lora_A, lora_B, scales, dropout, training, design, int8_mode):
     ps = [float(p) if training else 0.0 for p in dropout]
     seed = draw_seed(x.device) if any(ps) else None
     w, ws = (weight.CB, weight.SCB) if isinstance(weight, Int8Weight) else (weight, None)
     need_xa = torch.is_grad_enabled() and any(B.requires_grad for B in lora_B)
+    scales = [float(s) for s in scales]
+    if not torch.compiler.is_compiling() and design not in TRITON_DESIGNS:
+        with _nvtx(f"fastfair.lora_linear.{design}"):
+            return _EagerTorchLoRA.apply(x, w, ws, bias, scales, ps, seed, design == "merged", need_xa,
+                                         *lora_A, *lora_B)
     with _nvtx(f"fastfair.lora_linear.{design}"):
-        return torch.ops.fastfair.lora_linear(x, w, ws, bias, list(lora_A), list(lora_B),
-                                              [float(s) for s in scales], ps, seed, design,
-                                              int8_mode or "dequant", need_xa)[0]
+        return torch.ops.fastfair.lora_linear(x, w, ws, bias, list(lora_A), list(lora_B), scales, ps, seed,
+                                              design, int8_mode or "dequant", need_xa)[0]
 
 
 def draw_seed(device) -> torch.Tensor:
