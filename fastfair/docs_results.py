@@ -79,6 +79,19 @@ def _workflow_rows(sub: str) -> Callable[[Path], tuple[list[dict], dict]]:
     return read
 
 
+def _tune_rows(work: Path) -> tuple[list[dict], dict]:
+    """Per seed: the tuned configuration (best/) and the base config (baseline/), val and test."""
+    keep = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference")
+    rows = []
+    for seed_dir in sorted((work / "tune").glob("seed*"), key=lambda d: int(d.name[4:])):
+        for arm in ("best", "baseline"):
+            res = _read_json(seed_dir / arm / "result.json")
+            rows.append({"seed": int(seed_dir.name[4:]), "arm": "tuned" if arm == "best" else "baseline",
+                         **{k: res["test"].get(k) for k in keep},
+                         "val_worst_group_accuracy": res["val"].get("worst_group_accuracy")})
+    return rows, {}
+
+
 @dataclass
 class Experiment:
     commands: list[str]  # `fastfair ...` or `python ...` lines; {work}: the work directory, {seeds}: the seeds
@@ -86,6 +99,7 @@ class Experiment:
     collect: Callable[[Path], tuple[list[dict], dict]]
     tables: dict[str, Callable[[dict], str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # environment of the commands ({work} filled)
+    per_seed: list[str] = field(default_factory=list)  # run once per seed after `commands`: {seed}
 
 
 # filled below, once the table renderers exist
@@ -174,6 +188,27 @@ def _transfer_excess(res: dict) -> str:
     return markdown_table(["target data", "mode", "excess ASR per seed", "mean ± std", "verdict"], body)
 
 
+def _tune_table(res: dict) -> str:
+    cols = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference",
+            "val_worst_group_accuracy")
+    body = [[arm, str(len(sel))] + [fmt([r[c] for r in sel]) for c in cols]
+            for (arm,), sel in group_rows(res["rows"], ("arm",)).items()]
+    return markdown_table(["arm", "seeds", "test accuracy", "test worst-group acc.", "test accuracy gap",
+                           "test equalized odds diff.", "val worst-group acc."], body)
+
+
+def _tune_gains(res: dict) -> str:
+    """Per seed: the tuned configuration's change against the base config."""
+    by = {(r["arm"], r["seed"]): r for r in res["rows"]}
+    body = []
+    for key in ("accuracy", "worst_group_accuracy", "accuracy_gap"):
+        d = [by[("tuned", s)][key] - by[("baseline", s)][key] for s in res["seeds"]
+             if ("tuned", s) in by and ("baseline", s) in by]
+        body.append([key, ", ".join(f"{x:+.3f}" for x in d), fmt(d),
+                     verdict(*mean_std(d), higher_is_better=key != "accuracy_gap")])
+    return markdown_table(["test metric", "tuned − baseline per seed", "mean ± std", "verdict"], body)
+
+
 EXPERIMENTS.update({
     "sweep": Experiment(
         commands=[PRETRAIN, "fastfair sweep " + COMMON + " --ranks 1,4,16 --lams 0,1 --penalties variance "
@@ -192,6 +227,12 @@ EXPERIMENTS.update({
                   "--log-with null --report-ci false --output-dir {work}/bias_transfer"],
         seeds=[0, 1, 2], collect=_workflow_rows("bias_transfer"),
         tables={"table": _transfer_table, "excess": _transfer_excess}),
+    "tune": Experiment(
+        commands=[],
+        per_seed=["fastfair tune --backbone pretrain --n-trials 8 --compare-baseline --seed {seed} "
+                  "--log-with null --report-ci false --output-dir {work}/tune/seed{seed}"],
+        seeds=[0, 1, 2], collect=_tune_rows, tables={"table": _tune_table, "gains": _tune_gains},
+        env={"FASTFAIR_CACHE_DIR": "{work}/cache"}),  # one pre-trained backbone, shared by the seeds
     "main_job": Experiment(
         commands=["python -m fastfair.workflows.main_job --seeds {seeds} --output-dir {work}/main_job"],
         seeds=[0, 1, 2], collect=lambda work: _main_job().collect(work),
@@ -234,6 +275,7 @@ def run(name: str, work: Path, seeds: list[int] | None = None, out: Path | None 
     seeds = seeds or exp.seeds
     work.mkdir(parents=True, exist_ok=True)
     commands = [c.format(work=work, seeds=",".join(map(str, seeds))) for c in exp.commands]
+    commands += [c.format(work=work, seed=s) for s in seeds for c in exp.per_seed]
     prov = provenance()  # the code that runs: a commit made meanwhile must not be recorded
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, **{k: v.format(work=work) for k, v in exp.env.items()}}

@@ -67,3 +67,18 @@ def test_summaries_use_the_sample_std_and_show_one_seed_without_one():
     assert fmt([0.5, None, float("nan")]) == "0.500"
     assert fmt([]) == "n/a"
     assert set(docs_results.EXPERIMENTS) >= {"main_job", "sweep", "debias", "bias_transfer"}
+
+
+def test_per_seed_commands_run_once_per_seed_and_are_recorded(tmp_path, monkeypatch):
+    def collect(work):
+        return [{"seed": int(p.name[1:]), "v": float(p.read_text())} for p in sorted(work.glob("s*"))], {}
+
+    exp = docs_results.Experiment(
+        commands=[], seeds=[0, 1, 2], collect=collect,
+        per_seed=["python -c \"import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])\" "
+                  "{work}/s{seed} {seed}.5"])
+    monkeypatch.setitem(docs_results.EXPERIMENTS, "toy", exp)
+    path = docs_results.run("toy", tmp_path / "work", seeds=[3, 4], out=tmp_path / "res")
+    res = json.loads(path.read_text())
+    assert res["seeds"] == [3, 4] and res["rows"] == [{"seed": 3, "v": 3.5}, {"seed": 4, "v": 4.5}]
+    assert [c.split()[-2:] for c in res["commands"]] == [["WORK/s3", "3.5"], ["WORK/s4", "4.5"]]
