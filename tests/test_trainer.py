@@ -281,6 +281,23 @@ def test_select_by_auto_and_null_fall_back_to_the_last_epoch():
         Selection.resolve("worst_acc", 4)
 
 
+def test_select_by_ties_go_to_the_later_epoch():
+    # A metric stuck at one value (worst-group accuracy 0 over 100 tiny groups) once kept epoch 0 of
+    # every run: a barely trained model reported as the result.
+    from types import SimpleNamespace
+
+    from fastfair.trainer.select import Selection
+
+    for metric, values, want in (("worst_group_accuracy", [0.0, 0.0, 0.0], 2), ("worst_group_accuracy",
+                                 [0.1, 0.5, 0.5, 0.2], 2), ("accuracy_gap", [0.3, 0.1, 0.2, 0.1], 3)):
+        sel = Selection.resolve(metric, num_groups=4)
+        state = SimpleNamespace(best_value=None, best_epoch=None, best_step=None)
+        for epoch, v in enumerate(values):
+            state.epoch, state.step = epoch, 10 * epoch
+            sel.update(state, {metric: v})
+        assert state.best_epoch == want, (metric, values)
+
+
 def test_eager_attention_matches_sdpa():
     import timm
 

@@ -36,8 +36,10 @@ class Selection:
         if value is None or not math.isfinite(value):
             return False
         best = state.best_value
-        if best is not None and not (value > best if self.higher else value < best):
-            return False  # ties keep the earlier epoch
+        # Ties go to the later epoch: it has trained longer, and a metric that never moves (worst-group
+        # accuracy 0 with 100 tiny groups, say) must not pin the run at its first epoch.
+        if best is not None and not (value >= best if self.higher else value <= best):
+            return False
         state.best_value, state.best_epoch, state.best_step = float(value), state.epoch, state.step
         return True
 
