@@ -4,18 +4,22 @@ Notation: ``x`` [M, K], base weight ``W`` [N, K] (dense, or int8 rows with a per
 stacked adapters ``A`` [R, K] and ``B`` [N, R], adapter ``a`` owning rank rows
 ``[start_a, start_a + r_a)``, ``c_a = s_a / (1 - p_a)`` its scale with the dropout rescale folded in.
 
-* ``lora_down``: ``xa_s[:, a] = c_a · (keep_a ⊙ x) A_aᵀ`` with the keep-mask drawn in-kernel, so
-  ``drop(x)`` never exists in memory.
+* ``lora_down``: ``xa_s[:, a] = c_a · (keep_a ⊙ x) A_aᵀ`` with the keep-mask unpacked in-kernel
+  from its bits (1 bit per element: ``M·K/8`` bytes, against the ``2·M·K`` of a bf16 ``drop(x)``),
+  so ``drop(x)`` never exists in memory.
 * ``lora_gemm``: ``C = P Q (+ bias) (+ Σ_a keep_a ⊙ (L_a U_a)) (+ C)``, strided so that one kernel
   is both the fused forward ``y = x Wᵀ + b + xa_s Bᵀ`` and the fused input gradient
   ``dX = dY W + Σ_a keep_a ⊙ (g_a A_a)``; int8 ``W`` is loaded as int8 and scaled per output
   row (forward: in the epilogue, exact) or per reduction row (backward: on the tile).
-* ``lora_dA``: ``dA_a = g_aᵀ (keep_a ⊙ x)``, split over M for parallelism, mask redrawn.
-* ``dropout_mask``: materializes one adapter's keep-mask, for tests and debugging.
+* ``lora_dA``: ``dA_a = g_aᵀ (keep_a ⊙ x)``, split over M for parallelism, mask read from the bits.
+* ``draw_mask_bits``: draws one adapter's keep-mask into its packed bits, once per forward;
+  ``dropout_mask`` unpacks one for tests and debugging.
 
 Every keep-mask bit is ``rand(seed, m·K + k + a·2⁴⁰) >= p_a`` (Philox, ``tl.rand``): a function of
-the element's logical position and the adapter index only, so forward and backward agree whatever
-the tiling or the strides of ``x``.
+the element's logical position and the adapter index only, whatever the tiling or the strides of
+``x``. It is drawn once per forward (``draw_mask_bits``) and kept as uint8 ``[M, ceil(K/8)]`` per
+adapter (bit j of byte i = column 8i + j, ``fastfair.ops.lora.pack_bits``'s layout): the
+down-projection, dX and dA unpack it, so a step runs Philox once per element, not three times.
 """
 from __future__ import annotations
 
@@ -36,21 +40,38 @@ def _keep(seed, rows, cols, K, adapter, p):
     return tl.rand(seed, offs) >= p
 
 
+@triton.jit
+def _load_keep(bits_ptr, stride_bm, rows, col0, M, n_cols,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The keep-mask of the tile at rows x [col0, col0 + BLOCK_K); col0 is a multiple of 8 (tiles are).
+    rb = col0 // 8 + tl.arange(0, BLOCK_K // 8)
+    b = tl.load(bits_ptr + rows.to(tl.int64)[:, None] * stride_bm + rb[None, :],
+                mask=(rows < M)[:, None] & (rb < tl.cdiv(n_cols, 8))[None, :], other=0)
+    bits = (b.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_K)) != 0
+
+
 @triton.jit(do_not_specialize=["adapter"])
-def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, adapter, p,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _draw_bits_kernel(bits_ptr, seed_ptr, M, K, adapter, p, stride_bm,
+                      BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    # Drawn straight into bytes, bit by bit: packing a [BLOCK_M, BLOCK_K] boolean tile by reshape
+    # would put i1 values through shared memory, which sm_90's compiler rejects.
     seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, rm, rk, K, adapter, p)
-    ptrs = out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    byte = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.int32)
+    for j in tl.static_range(8):
+        cols = rb * 8 + j
+        keep = _keep(seed, rm, cols, K, adapter, p) & (cols < K)[None, :]  # zero padding, as pack_bits
+        byte = byte | (keep.to(tl.int32) << j)
+    tl.store(bits_ptr + rm.to(tl.int64)[:, None] * stride_bm + rb[None, :], byte.to(tl.uint8),
+             mask=(rm < M)[:, None] & (rb < tl.cdiv(K, 8))[None, :])
 
 
-@triton.jit(do_not_specialize=["adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["start", "rank"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, out_ptr, seed_ptr, coef, p, adapter, start, rank, M, K,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    x_ptr, a_ptr, out_ptr, bits_ptr, coef, start, rank, M, K,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or, stride_bm,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -62,8 +83,6 @@ def _lora_down_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + (start + rr).to(tl.int64)[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
         k_ok = rk < K
@@ -71,7 +90,7 @@ def _lora_down_kernel(
         xt = tl.load(x_rows + rk.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
                      other=0.0)
         if DROPOUT:
-            xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
+            xt = tl.where(_load_keep(bits_ptr, stride_bm, rm, k0, M, K, BLOCK_M, BLOCK_K), xt, 0.0).to(xt.dtype)
         at = tl.load(a_cols + rk[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=INPUT_PRECISION)
     acc *= coef
@@ -82,11 +101,11 @@ def _lora_down_kernel(
 @triton.jit
 def _lora_gemm_kernel(
     p_ptr, q_ptr, c_ptr, l_ptr, u_ptr, bias_ptr, col_scale_ptr, row_scale_ptr,
-    adapter_offs_ptr, adapter_p_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
-    seed_ptr, M, N, K, R, n_adapters, M_KEY,
+    adapter_offs_ptr, v_ptr, l_coef_ptr, db_ptr, s_ptr,
+    bits_ptr, M, N, K, R, n_adapters, M_KEY,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_vk, stride_vr,
-    stride_sm, stride_sr, stride_dbk, stride_dbr,
+    stride_sm, stride_sr, stride_dbk, stride_dbr, stride_ba, stride_bm,
     HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, MASKED: tl.constexpr,
     HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOWN: tl.constexpr, V_PADDED: tl.constexpr, STORE_L: tl.constexpr,
@@ -172,8 +191,6 @@ def _lora_gemm_kernel(
                 tl.store(l_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr_all[None, :] * stride_lr,
                          lval, mask=m_ok[:, None] & r_all_ok[None, :])
 
-    if MASKED:
-        seed = tl.load(seed_ptr)
     if HAS_LORA:
         u_cols = u_ptr + rn.to(tl.int64)[None, :] * stride_un
         if DOWN:
@@ -186,7 +203,8 @@ def _lora_gemm_kernel(
                     # Registers cannot be sliced by a runtime range: zero the other adapters' columns.
                     lt = tl.where(((rr_all >= a_start) & (rr_all < a_end))[None, :], lval, 0.0).to(dtype)
                     lr = tl.dot(lt, ut, input_precision=INPUT_PRECISION)
-                    keep = _keep(seed, rm, rn, N, a, tl.load(adapter_p_ptr + a))
+                    keep = _load_keep(bits_ptr + tl.cast(a, tl.int64) * stride_ba, stride_bm, rm,
+                                      pid_n * BLOCK_N, M, N, BLOCK_M, BLOCK_N)
                     acc += tl.where(keep, lr, 0.0)
             else:
                 acc = tl.dot(lval, ut, acc, input_precision=INPUT_PRECISION)
@@ -203,7 +221,8 @@ def _lora_gemm_kernel(
                         lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                         ut = tl.load(u_cols + rr[:, None] * stride_ur, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                         lr = tl.dot(lt, ut, lr, input_precision=INPUT_PRECISION)
-                    keep = _keep(seed, rm, rn, N, a, tl.load(adapter_p_ptr + a))
+                    keep = _load_keep(bits_ptr + tl.cast(a, tl.int64) * stride_ba, stride_bm, rm,
+                                      pid_n * BLOCK_N, M, N, BLOCK_M, BLOCK_N)
                     acc += tl.where(keep, lr, 0.0)
             else:
                 for r0 in range(0, R, BLOCK_R):
@@ -222,10 +241,10 @@ def _lora_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["adapter", "start", "rank"])
+@triton.jit(do_not_specialize=["start", "rank"])
 def _lora_dA_kernel(
-    g_ptr, x_ptr, out_ptr, seed_ptr, p, adapter, start, rank, M, K, rows_per_split,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or,
+    g_ptr, x_ptr, out_ptr, bits_ptr, start, rank, M, K, rows_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or, stride_bm,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -237,7 +256,6 @@ def _lora_dA_kernel(
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
@@ -245,7 +263,8 @@ def _lora_dA_kernel(
                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        xt = tl.where(_keep(seed, rm, rk, K, adapter, p), xt, 0.0).to(xt.dtype)
+        keep = _load_keep(bits_ptr, stride_bm, rm, tl.program_id(0) * BLOCK_K, M, K, BLOCK_M, BLOCK_K)
+        xt = tl.where(keep, xt, 0.0).to(xt.dtype)
         acc = tl.dot(gt, xt, acc, input_precision=INPUT_PRECISION)
     out = out_ptr + split.to(tl.int64) * stride_os + rr[:, None] * stride_or + rk[None, :]
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
@@ -333,28 +352,52 @@ def seed_tensor(seed, device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
+def packed_mask_shape(M: int, K: int) -> tuple[int, int]:
+    """The shape of one adapter's bit-packed keep-mask: uint8 ``[M, ceil(K/8)]``."""
+    return M, (K + 7) // 8
+
+
+def _check_bits(bits, M: int, K: int, who: str) -> None:
+    if bits is None or bits.dtype != torch.uint8 or tuple(bits.shape) != packed_mask_shape(M, K) \
+            or bits.stride(1) != 1:
+        raise ValueError(f"{who}: bits must be a row-contiguous uint8 tensor of shape {packed_mask_shape(M, K)}")
+
+
+def draw_mask_bits(seed, bits, p: float, adapter: int, K: int) -> None:
+    """Draw adapter ``adapter``'s keep-mask into ``bits`` (uint8 ``packed_mask_shape(M, K)``): the one
+    Philox draw of a step, read by ``lora_down``, the masked dX ``lora_gemm`` and ``lora_dA``."""
+    M = bits.shape[0]
+    _check_bits(bits, M, K, "draw_mask_bits")
+    block_m, block_b = (32, 8) if _utils.interpreting() else (32, 16)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(bits.shape[1], block_b))
+    with _utils.on_device(bits.device):
+        _draw_bits_kernel[grid](bits, seed_tensor(seed, bits.device), M, K, adapter, float(p), bits.stride(0),
+                                BLOCK_M=block_m, BLOCK_B=block_b)
+
+
 def dropout_mask(seed, M: int, K: int, p: float, adapter: int, device) -> torch.Tensor:
     """The keep-mask (bool [M, K]) that the kernels draw for adapter ``adapter`` with ``seed``."""
-    out = torch.empty((M, K), dtype=torch.int8, device=device)
-    seed = seed_tensor(seed, device)
-    block = 128 if _utils.interpreting() else 32  # a mask does not depend on the tiling
-    grid = (triton.cdiv(M, block), triton.cdiv(K, block))
-    with _utils.on_device(out.device):
-        _dropout_mask_kernel[grid](out, seed, M, K, adapter, float(p), BLOCK_M=block, BLOCK_K=block)
-    return out.bool()
+    bits = torch.empty(packed_mask_shape(M, K), dtype=torch.uint8, device=device)
+    draw_mask_bits(seed, bits, p, adapter, K)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :K].bool()
 
 
-def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> None:
-    """``out[:, start:start+rank] = coef · (keep ⊙ x) A[start:start+rank]ᵀ``."""
+def lora_down(x, A, out, coef, start, rank, bits=None) -> None:
+    """``out[:, start:start+rank] = coef · (keep ⊙ x) A[start:start+rank]ᵀ``, ``keep`` unpacked from
+    ``bits`` (``draw_mask_bits``); without ``bits``, no dropout."""
     M, K = x.shape
+    dropout = bits is not None
+    if dropout:
+        _check_bits(bits, M, K, "lora_down")
     block_r = _block_r(rank)
     block_m, block_k, warps = (32, 32, 4) if _utils.interpreting() else (64, 64, 4)
     grid = (triton.cdiv(M, block_m), triton.cdiv(rank, block_r))
     with _utils.on_device(x.device):
         _lora_down_kernel[grid](
-            x, A, out, seed_tensor(seed, x.device) if dropout else None, float(coef), float(p), adapter,
-            start, rank, M, K,
+            x, A, out, bits, float(coef), start, rank, M, K,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+            bits.stride(0) if dropout else 0,
             DROPOUT=dropout, INPUT_PRECISION=_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
         )
@@ -362,15 +405,15 @@ def lora_down(x, A, out, seed, coef, p, adapter, start, rank, dropout: bool) -> 
 
 def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool = False,
               bias=None, col_scale=None, row_scale=None, base: bool = True, accumulate: bool = False,
-              adapter_offs=None, adapter_p=None, n_adapters: int = 0, seed=None,
+              adapter_offs=None, n_adapters: int = 0, masks=None,
               V=None, v_transposed: bool = False, l_coef=None, store_l: bool = False,
               dB=None, S=None) -> None:
     """``C (+)= P·op(Q) [·col_scale] (+ bias) + Σ_g keep_g ⊙ (L_g op(U)_g)``.
 
     ``op(Q)`` is ``Qᵀ`` when ``q_transposed`` (Q stored [N, K], as a linear weight), else ``Q``
-    ([K, N]); same for ``U`` and ``V``. ``adapter_offs``/``adapter_p`` (device int32
-    [n_adapters+1] / float32 [n_adapters]) turn on the per-adapter dropout masks, drawn at
-    (row, column) of ``C``.
+    ([K, N]); same for ``U`` and ``V``. ``adapter_offs`` (device int32 [n_adapters+1]) with
+    ``masks`` (uint8 [n_adapters, M, ceil(N/8)], the forward's packed draws) turn on the
+    per-adapter dropout masks at (row, column) of ``C``.
 
     With ``V`` (R <= ``DOWN_MAX_RANK``), ``L = P·op(V)·diag(l_coef)`` is computed inside the base
     loop rather than read: ``L`` (if given) is then an output, written when ``store_l``. With ``dB``
@@ -408,14 +451,17 @@ def lora_gemm(P, Q, C, *, q_transposed: bool, L=None, U=None, u_transposed: bool
     ssm, ssr = (S.stride(0), S.stride(1)) if S is not None else (0, 0)
     sdk, sdr = (dB.stride(0), dB.stride(1)) if dB is not None else (0, 0)
     masked = adapter_offs is not None
+    if masked and (masks is None or masks.dtype != torch.uint8 or masks.dim() != 3
+                   or tuple(masks.shape[1:]) != packed_mask_shape(M, N) or masks.stride(2) != 1):
+        raise ValueError(f"lora_gemm: adapter masks must be uint8 [n_adapters, {M}, {(N + 7) // 8}]")
+    sba, sbm = (masks.stride(0), masks.stride(1)) if masked else (0, 0)
     # Absent operands are None: never read (their constexpr switch is off), and autotune's
     # reset_to_zero skips a None db_ptr instead of zeroing whatever stood in for it.
     args = (
         P, Q, C, L, U, bias, col_scale, row_scale, adapter_offs if masked else None,
-        adapter_p if masked else None, V, l_coef, dB, S,
-        seed_tensor(seed, P.device) if masked else None, M, N, K, R, n_adapters, _utils.pow2(M),
+        V, l_coef, dB, S, masks if masked else None, M, N, K, R, n_adapters, _utils.pow2(M),
         P.stride(0), P.stride(1), sqk, sqn, C.stride(0), C.stride(1),
-        slm, slr, sur, sun, svk, svr, ssm, ssr, sdk, sdr,
+        slm, slr, sur, sun, svk, svr, ssm, ssr, sdk, sdr, sba, sbm,
     )
     flags = dict(
         HAS_BASE=base, HAS_LORA=has_lora, MASKED=masked, HAS_BIAS=bias is not None,
@@ -452,15 +498,17 @@ def dA_splits(M: int, K: int, rank: int, device) -> int:
     return _dA_plan(M, K, rank, device)[4]
 
 
-def lora_dA_partial(g, x, out, seed, p, adapter, start, rank) -> None:
-    """``out[s] = g[rows_s, start:start+rank]ᵀ (keep ⊙ x)[rows_s]``: fp32 partials over M-splits."""
+def lora_dA_partial(g, x, out, bits, start, rank) -> None:
+    """``out[s] = g[rows_s, start:start+rank]ᵀ (keep ⊙ x)[rows_s]``: fp32 partials over M-splits,
+    ``keep`` unpacked from ``bits`` (the forward's ``draw_mask_bits``)."""
     M, K = x.shape
+    _check_bits(bits, M, K, "lora_dA_partial")
     block_m, block_k, block_r, warps, splits, rows = _dA_plan(M, K, rank, x.device)
     grid = (triton.cdiv(K, block_k), splits, triton.cdiv(rank, block_r))
     with _utils.on_device(x.device):
         _lora_dA_kernel[grid](
-            g, x, out, seed_tensor(seed, x.device), float(p), adapter, start, rank, M, K, rows,
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            g, x, out, bits, start, rank, M, K, rows,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), bits.stride(0),
             INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=warps,
         )

@@ -10,8 +10,7 @@ in one place.
 GEMM_TILES = (
     (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-    # Small 8-warp tiles: the only ones whose masked (dropout) launches do not spill, because
-    # each thread draws Philox for 16 elements instead of 32 or more.
+    # Small 8-warp tiles: the fewest registers per thread, for launches that are short of them.
     (64, 64, 32, 8, 3), (64, 64, 64, 8, 3),
 )
 # The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
@@ -42,19 +41,22 @@ def launch_kind(flags: dict) -> str:
     return "+".join(parts) or "plain"
 
 
-# Register spills on sm_90, measured by the full sweep of tests/hopper_compile.py (Triton 3.8,
-# bf16, ViT-B strides): the autotuner never tries a tile listed as spilling for a launch's kind.
-# * Masked launches (dropout; Philox drawn per element in the epilogue) spill 24 B - 8 KB per
-#   thread at every 4-warp tile and every tile of 128 rows or columns; only 64×64 with 8 warps fits.
-MASKED_TILES = ((64, 64, 32, 8, 3), (64, 64, 64, 8, 3))
-# * The in-loop down-projection at BLOCK_R = 64 (forward, and dX with the atomic dB) spills at these.
+# Register spills on sm_90, measured by tests/hopper_compile.py (Triton 3.8, bf16, ViT-B strides):
+# the autotuner never tries a tile listed as spilling for a launch's kind.
+# * Masked launches (dropout: each adapter's keep bits unpacked in the epilogue, then a masked
+#   rank-R product) spill 296-768 B per thread at these four tiles, in every masked kind (dX, dX with
+#   the in-loop g and atomic dB, int8 dX, the LoRA-only accumulate). When the epilogue still drew
+#   Philox per element, every tile but the two small 8-warp ones spilled (24 B - 8 KB).
+MASKED_SPILLS = frozenset({(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4)})
+# * The in-loop down-projection at BLOCK_R = 64 (forward, and dX with the atomic dB) spills at these;
+#   masked as well, it also spills at 128×64 with 4 warps (8 B).
 DOWN_WIDE_SPILLS = frozenset({(256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4)})
+MASKED_DOWN_WIDE_SPILLS = MASKED_SPILLS | DOWN_WIDE_SPILLS | {(128, 64, 64, 4, 4)}
 
 
 def spilling(kind: str) -> frozenset:
     """The tiles measured (or, for unswept flag combinations, ruled) to spill for ``kind``."""
+    wide = "DOWN" in kind and "R16" not in kind  # BLOCK_R 32 is unswept: ruled like 64
     if "MASKED" in kind:
-        return frozenset(GEMM_TILES) - frozenset(MASKED_TILES)
-    if "DOWN" in kind and "R16" not in kind:  # BLOCK_R 32 is unswept: ruled like 64
-        return DOWN_WIDE_SPILLS
-    return frozenset()
+        return MASKED_DOWN_WIDE_SPILLS if wide else MASKED_SPILLS
+    return DOWN_WIDE_SPILLS if wide else frozenset()

@@ -32,7 +32,7 @@ GEMM_FLAGS = {
     "fwd_inloop": dict(HAS_LORA=True, HAS_BIAS=True, DOWN=True, STORE_L=True, q_t=True),
     "fwd_int8": dict(HAS_LORA=True, HAS_BIAS=True, COL_SCALE=True, q="*i8", q_t=True),
     "dx": dict(HAS_LORA=True),  # dX = dY W + g_s A, no dropout
-    "dx_masked": dict(HAS_LORA=True, MASKED=True),  # dropout masks redrawn per adapter
+    "dx_masked": dict(HAS_LORA=True, MASKED=True),  # dropout masks unpacked per adapter
     "dx_inloop_db": dict(HAS_LORA=True, DOWN=True, V_PADDED=True, STORE_L=True, DB=True),  # p = 0
     "dx_inloop_db_masked": dict(HAS_LORA=True, MASKED=True, DOWN=True, V_PADDED=True, STORE_L=True, DB=True),
     "dx_int8": dict(HAS_LORA=True, MASKED=True, ROW_SCALE=True, q="*i8"),
@@ -79,7 +79,7 @@ def _gemm_case(name, flag_set, dtype, tile, block_r):
     q_t, q = f.pop("q_t", False), f.pop("q", DTYPES[dtype])
     types = {n: DTYPES[dtype] for n in GEMM_PTRS}
     types.update(q_ptr=q, col_scale_ptr="*fp32", row_scale_ptr="*fp32", adapter_offs_ptr="*i32",
-                 adapter_p_ptr="*fp32", l_coef_ptr="*fp32", db_ptr="*fp32", seed_ptr="*i64")
+                 l_coef_ptr="*fp32", db_ptr="*fp32", bits_ptr="*u8")
     flags = dict(HAS_BASE=True, HAS_LORA=False, MASKED=False, HAS_BIAS=False, COL_SCALE=False,
                  ROW_SCALE=False, ACCUMULATE=False, DOWN=False, V_PADDED=False, STORE_L=False, DB=False,
                  INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_R=block_r)
@@ -91,7 +91,7 @@ def _gemm_case(name, flag_set, dtype, tile, block_r):
                   **({"stride_qk": 1} if q_t else {"stride_qn": 1}))
     aligned = (*GEMM_PTRS, "col_scale_ptr", "row_scale_ptr", "db_ptr", "M", "N", "K", "stride_pm",
                "stride_qk", "stride_qn", "stride_cm", "stride_lm", "stride_ur", "stride_un", "stride_vk",
-               "stride_sm", "stride_dbk")
+               "stride_sm", "stride_dbk", "bits_ptr", "stride_ba", "stride_bm")
     k = _build(kl._lora_gemm_kernel, types, consts, aligned, num_warps=warps, num_stages=stages)
     return dict(kernel="lora_gemm", case=name, kind=launch_kind(flags), tile=list(tile), **_resources(k))
 
@@ -103,18 +103,19 @@ def _small_case(name, which, dtype, block_r):
     t = DTYPES[dtype]
     prec = "ieee" if dtype == "fp32" else "tf32"
     if which == "down":
-        k = _build(kl._lora_down_kernel, dict(x_ptr=t, a_ptr=t, out_ptr=t, seed_ptr="*i64", coef="fp32", p="fp32"),
+        k = _build(kl._lora_down_kernel, dict(x_ptr=t, a_ptr=t, out_ptr=t, bits_ptr="*u8", coef="fp32"),
                    dict(DROPOUT=True, INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=block_r,
                         stride_xk=1, stride_ak=1, stride_or=1),
-                   ("x_ptr", "a_ptr", "out_ptr", "K", "stride_xm", "stride_ar", "stride_om"), num_warps=4)
-    elif which == "dA":
-        k = _build(kl._lora_dA_kernel, dict(g_ptr=t, x_ptr=t, out_ptr="*fp32", seed_ptr="*i64", p="fp32"),
-                   dict(INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=block_r, stride_gr=1, stride_xk=1),
-                   ("g_ptr", "x_ptr", "out_ptr", "K", "stride_gm", "stride_xm", "stride_os", "stride_or"),
+                   ("x_ptr", "a_ptr", "out_ptr", "bits_ptr", "K", "stride_xm", "stride_ar", "stride_om", "stride_bm"),
                    num_warps=4)
+    elif which == "dA":
+        k = _build(kl._lora_dA_kernel, dict(g_ptr=t, x_ptr=t, out_ptr="*fp32", bits_ptr="*u8"),
+                   dict(INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=block_r, stride_gr=1, stride_xk=1),
+                   ("g_ptr", "x_ptr", "out_ptr", "bits_ptr", "K", "stride_gm", "stride_xm", "stride_os", "stride_or",
+                    "stride_bm"), num_warps=4)
     elif which == "mask":
-        k = _build(kl._dropout_mask_kernel, dict(out_ptr="*i8", seed_ptr="*i64", p="fp32"),
-                   dict(BLOCK_M=32, BLOCK_K=32), ("out_ptr", "K"), num_warps=4)
+        k = _build(kl._draw_bits_kernel, dict(bits_ptr="*u8", seed_ptr="*i64", p="fp32"),
+                   dict(BLOCK_M=32, BLOCK_B=16), ("bits_ptr", "K", "stride_bm"), num_warps=4)
     else:  # grouped CE at C = 4096 (one-hot group sums) and backward
         bn, bc, bg, one_hot, warps = kg.tiles(4096, 4)
         ptrs = dict(logits_ptr=t, labels_ptr="*i64", groups_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32",

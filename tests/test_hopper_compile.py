@@ -2,8 +2,9 @@
 
 Default run: a representative subset (five GEMM launch kinds, each at a tile the autotuner may
 choose, the down-projection, dA, the mask and grouped CE kernels; about 40 s on 2 cores).
-``FASTFAIR_FULL_TESTS=1`` adds the full sweep (about 20 minutes on 2 busy cores): every autotune tile × launch kind (BLOCK_R 16 and 64 where the rank enters the
-tile), fp16/fp32 at the fixed tile, each small kernel in three dtypes.
+``FASTFAIR_FULL_TESTS=1`` adds the full sweep (about 20 minutes on 2 busy cores): every autotune
+tile × launch kind (BLOCK_R 16 and 64 where the rank enters the tile), fp16/fp32 at the fixed
+tile, each small kernel in three dtypes.
 """
 import json
 import os
@@ -42,7 +43,9 @@ def check(recs: list[dict]) -> None:
     assert recs, "nothing compiled"
     spills = [r["case"] for r in recs if choosable(r) and (r["stack"] or r["local"])]
     assert not spills, f"choosable configs spill: {spills}"
-    scalar = [r["case"] for r in recs if r["kernel"] in ("lora_gemm", "down", "dA") and not r["cp_async"]]
+    # The LoRA-only accumulate ("nobase") has no K loop to pipeline: its loads are rank-sized.
+    scalar = [r["case"] for r in recs if r["kernel"] in ("lora_gemm", "down", "dA") and not r["cp_async"]
+              and not r.get("kind", "").startswith("nobase")]
     assert not scalar, f"no cp.async (alignment specialization lost?): {scalar}"
     assert all(r["shared"] <= 227 * 1024 for r in recs)  # sm_90's per-block limit
 
@@ -62,8 +65,8 @@ def test_full_sweep_compiles_without_choosable_spills():
 
 
 @pytest.mark.parametrize("flags, n_tiles", [
-    (dict(MASKED=True), 2), (dict(MASKED=True, DOWN=True, DB=True, BLOCK_R=64), 2),
-    (dict(HAS_BASE=False, MASKED=True), 2), (dict(DOWN=True, BLOCK_R=64), len(GEMM_TILES) - 3),
+    (dict(MASKED=True), len(GEMM_TILES) - 4), (dict(MASKED=True, DOWN=True, DB=True, BLOCK_R=64), len(GEMM_TILES) - 5),
+    (dict(HAS_BASE=False, MASKED=True), len(GEMM_TILES) - 4), (dict(DOWN=True, BLOCK_R=64), len(GEMM_TILES) - 3),
     (dict(DOWN=True, BLOCK_R=16), len(GEMM_TILES)), (dict(COL_SCALE=True), len(GEMM_TILES)),
 ])
 def test_autotuner_is_never_offered_a_spilling_tile(flags, n_tiles):

@@ -2,7 +2,7 @@
 
 Every buffer a kernel writes is handed out NaN-filled, so an element a kernel forgets is a NaN in
 the comparison. Dropout runs with a fixed seed; the reference gets exactly the kernels' masks
-(``dropout_mask``), so forward and gradients agree only if backward redraws the forward's masks.
+(``dropout_mask``), so forward and gradients agree only if backward uses the forward's masks.
 """
 import math
 
@@ -355,3 +355,36 @@ def test_fp16_large_reduction():
     # K and N of a ViT layer in fp16: the sums must be accumulated in fp32 to stay within 1e-2.
     run_case(M=4, K=768, N=40, dtype=torch.float16, ranks=[16], scales=[2.0], ps=[0.1],
              trainable=[True], bias="trainable")
+
+
+@pytest.mark.parametrize("design", ["fused", "fused_inloop", "cublas"])
+def test_forward_keeps_its_draw_and_backward_reads_only_that(design):
+    # The masks are drawn once, in the forward, and stored 1 bit per element; dX and dA must use
+    # exactly the stored bits: given other bits, backward must follow them, not a redraw from the seed.
+    from fastfair.ops.lora import pack_bits, torch_backward, unpack_bits
+
+    torch.manual_seed(3)
+    M, K, N, ps, ranks = 37, 45, 29, [0.4, 0.0, 0.2], [3, 5, 2]
+    x, W, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    A = [torch.randn(r, K) for r in ranks]
+    B = [torch.randn(N, r) for r in ranks]
+    scales = [0.5, 2.0, -1.0]
+    seed = torch.tensor([SEED])
+    y, xa, masks = lt.op_forward(x, W, None, bias, A, B, scales, ps, seed, design, "dequant")
+    assert masks.dtype == torch.uint8 and masks.shape == (3, M, (K + 7) // 8)
+    for a, p in enumerate(ps):
+        want = dropout_mask(SEED, M, K, p, a, "cpu") if p > 0 else torch.ones(M, K, dtype=torch.bool)
+        assert torch.equal(unpack_bits(masks[a], K), want), a
+    other = pack_bits(torch.rand(3, M, K) >= 0.5)
+    other[1] = 255  # the adapter without dropout keeps everything
+    dy = torch.randn(M, N)
+    needs = [True, True, True, True, True, True, True, True]
+    got = lt.op_backward(dy, x, W, None, A, B, xa, other, seed, scales, ps, design, "dequant", needs)
+    d64 = lambda ts: [t.double() for t in ts]  # noqa: E731
+    ref = torch_backward(dy.double(), x.double(), W.double(), None, d64(A), d64(B), xa.double(), other, scales,
+                         ps, False, needs)
+    assert torch.allclose(got[0].double(), ref[0], atol=1e-3, rtol=1e-3)  # dX
+    for g, r in zip(got[2] + got[3], ref[2] + ref[3]):  # dA, dB
+        assert torch.allclose(g.double(), r, atol=1e-3, rtol=1e-3)
+    same = lt.op_backward(dy, x, W, None, A, B, xa, masks, seed, scales, ps, design, "dequant", needs)
+    assert not torch.allclose(same[2][0], got[2][0], atol=1e-3)  # the bits, not the seed, decide dA

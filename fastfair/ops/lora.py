@@ -217,8 +217,6 @@ def _(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, desi
     M = x.numel() // K
     R = sum(A.shape[0] for A in lora_A) if need_xa or design != "merged" else 0
     nd = len(lora_A) if seed is not None and any(p > 0 for p in dropout) else 0
-    if design in TRITON_DESIGNS and x.device.type == "cuda":
-        nd = 0  # the Triton kernels redraw their masks from the seed instead
     masks = x.new_empty((nd, M, (K + 7) // 8), dtype=torch.uint8)
     return x.new_empty((*x.shape[:-1], N)), x.new_empty((M, R)), masks
 
@@ -287,8 +285,8 @@ def _(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, seed, scales, drop
                               design == "merged", needs)
     from . import lora_triton
 
-    return lora_triton.op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, seed, scales, dropout,
-                                   design, int8_mode, needs)
+    return lora_triton.op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, seed, scales,
+                                   dropout, design, int8_mode, needs)
 
 
 # -- the dispatcher ----------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def predicted_seconds(design: str, int8_mode: str | None, p: Problem) -> float:
     eff = 1.0 / tiles.TRITON_EFF
     dA_dB = 2 * pass_x + 2 * pass_y  # dA reads x (and g), dB reads dY (and xa)
     merge = 2 * (2.0 * N * K * R / tiles.GEMM_FLOPS + 3 * e * N * K / tiles.HBM_BYTES)
-    mask = 2 * pass_x if p.dropout else 0.0  # drop(x) or the in-kernel redraws
+    # reference: drop(x) written and read; Triton: one Philox pass and M·K/8-byte bit reads
+    mask = (2 * pass_x if design == "reference" else 0.5 * pass_x) if p.dropout else 0.0
     cost = {
         "reference": 2 * t0 + 4 * pass_y + 2 * pass_x + dA_dB + 2 * mask,
         "merged": 2 * t0 + merge + pass_x + pass_y + dA_dB,

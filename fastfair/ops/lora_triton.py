@@ -9,9 +9,10 @@ derivation of the backward and the choice between the two designs are in docs/ke
   holds, trading a pass over x or dY for recomputing it per output column block.
 * ``"cublas"`` (design b): cuBLAS for the base product, then ``y += xa_s Bᵀ`` in place.
 
-Both draw the dropout masks in-kernel from one seed per call and redraw them in backward;
-``drop(x)`` is never stored. An int8 base is either dequantized into one reused 16-bit buffer
-(``"dequant"``) or read as int8 by the fused GEMM (``"inloop"``).
+Both draw the dropout masks in-kernel from one seed per call, in the forward's down-projection,
+and keep them bit-packed (``M·K/8`` bytes per adapter) for dX and dA; ``drop(x)`` is never stored.
+An int8 base is either dequantized into one reused 16-bit buffer (``"dequant"``) or read as int8
+by the fused GEMM (``"inloop"``).
 """
 from __future__ import annotations
 
@@ -65,10 +66,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_meta(device: torch.device, offs: tuple, ps: tuple):
-    """Device copies of the adapters' rank offsets and dropout rates, made once per stack."""
-    return (_to_device(torch.tensor(offs, dtype=torch.int32), device),
-            _to_device(torch.tensor(ps, dtype=torch.float32), device))
+def _group_offsets(device: torch.device, offs: tuple) -> torch.Tensor:
+    """A device copy of the adapters' rank offsets, made once per stack."""
+    return _to_device(torch.tensor(offs, dtype=torch.int32), device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,7 +166,9 @@ class LoRALinearFunction(torch.autograd.Function):
         bias_c = None if bias is None else bias.to(dt)
         design, down = plan.design, loop_plan(plan.design, R, plan.dropout)[0]
         inloop8 = scb is not None and plan.int8 == "inloop"
-        xa, lora = None, {}
+        xa, lora, masks = None, {}, None
+        if plan.dropout:
+            masks = torch.empty((n, *kl.packed_mask_shape(M, Kdim)), dtype=torch.uint8, device=dev)
         if n:
             xa = _utils.alloc((M, R), dt, dev)
             lora = dict(L=xa, U=B_cat, u_transposed=True)
@@ -176,9 +178,14 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 for a in range(n):
                     drop = plan.dropout and plan.ps[a] > 0
+                    if drop:
+                        with nvtx_range("fastfair.lora.draw_mask"):
+                            kl.draw_mask_bits(plan.seed, masks[a], plan.ps[a], a, Kdim)
+                    elif plan.dropout:
+                        masks[a].fill_(255)  # an adapter without dropout keeps everything
                     with nvtx_range("fastfair.lora.down"):
-                        kl.lora_down(x2, A_cat, xa, plan.seed, plan.coefs[a], plan.ps[a], a,
-                                    plan.starts[a], plan.starts[a + 1] - plan.starts[a], drop)
+                        kl.lora_down(x2, A_cat, xa, plan.coefs[a], plan.starts[a],
+                                     plan.starts[a + 1] - plan.starts[a], bits=masks[a] if drop else None)
         y = _utils.alloc((M, N), dt, dev)
         if inloop8:
             with nvtx_range("fastfair.lora.fused_gemm_int8"):
@@ -202,13 +209,13 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.ab_dtypes = [t.dtype for t in ab]
-        ctx.save_for_backward(x2, w, scb, A_cat, B_cat, xa)
+        ctx.save_for_backward(x2, w, scb, A_cat, B_cat, xa, masks)
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
         # One function: dX, g, dA and dB share buffers and the in-loop choice, in launch order.
-        x2, w, scb, A_cat, B_cat, xa = ctx.saved_tensors
+        x2, w, scb, A_cat, B_cat, xa, masks = ctx.saved_tensors
         plan, n = ctx.plan, ctx.plan.n
         dt, dev = x2.dtype, x2.device
         (M, Kdim), N, R = x2.shape, w.shape[0], plan.starts[-1]
@@ -246,8 +253,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     lora.update(V=B_cat, store_l=gs is not None, dB=db32, S=None if db32 is None else xa,
                                 l_coef=_rank_coefs(dev, plan.starts, plan.coefs))
                 if plan.dropout:
-                    offs, ps = _group_meta(dev, plan.starts, plan.ps)
-                    lora.update(adapter_offs=offs, adapter_p=ps, n_adapters=n, seed=plan.seed)
+                    lora.update(adapter_offs=_group_offsets(dev, plan.starts), n_adapters=n, masks=masks)
             if inloop8:
                 with nvtx_range("fastfair.lora.bwd_dx_fused_int8"):
                     kl.lora_gemm(dy2, w, dx, q_transposed=False, row_scale=scb.float() / 127.0, **lora)
@@ -274,7 +280,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     rank = sl.stop - sl.start
                     part = _utils.alloc((kl.dA_splits(M, Kdim, rank, dev), rank, Kdim), torch.float32, dev)
                     with nvtx_range("fastfair.lora.bwd_dA"):
-                        kl.lora_dA_partial(gs, x2, part, plan.seed, plan.ps[a], a, sl.start, rank)
+                        kl.lora_dA_partial(gs, x2, part, masks[a], sl.start, rank)
                     dA[a] = part.sum(0).to(ctx.ab_dtypes[a])
                 else:
                     with nvtx_range("fastfair.lora.bwd_dA"):
@@ -358,18 +364,20 @@ def _op_plan(lora_A, scales, dropout, seed, design, int8_mode) -> _Plan:
 
 
 def op_forward(x, weight, weight_scale, bias, lora_A, lora_B, scales, dropout, seed, design, int8_mode):
-    """``(y, xa_s, no masks)``: the Triton kernels redraw their masks from ``seed`` in backward."""
+    """``(y, xa_s, packed masks)`` as ``fastfair::lora_linear`` returns them."""
     plan = _op_plan(lora_A, scales, dropout, seed, design, int8_mode)
     ctx = _Ctx()
     y = LoRALinearFunction.forward(ctx, x, weight, weight_scale, bias, plan, *lora_A, *lora_B)
-    xa = ctx.saved_tensors[5]
+    xa, masks = ctx.saved_tensors[5:7]
     M = y.numel() // max(y.shape[-1], 1)
     xa = x.new_empty((M, 0)) if xa is None else xa
-    K = x.shape[-1]
-    return y, xa, x.new_empty((0, M, (K + 7) // 8), dtype=torch.uint8)
+    if masks is None:
+        masks = x.new_empty((0, *kl.packed_mask_shape(M, x.shape[-1])), dtype=torch.uint8)
+    return y, xa, masks
 
 
-def op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, seed, scales, dropout, design, int8_mode, needs):
+def op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, seed, scales, dropout, design, int8_mode,
+                needs):
     """``(dx, dbias fp32, dA, dB)`` as ``fastfair::lora_linear_backward`` returns them."""
     n, dt = len(lora_A), x.dtype
     ctx = _Ctx()
@@ -381,7 +389,7 @@ def op_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, seed, scales, d
     A_cat = _stack(lora_A, dt, 0) if n else None
     B_cat = _stack(lora_B, dt, 1) if n else None
     ctx.saved_tensors = (x.reshape(-1, x.shape[-1]), weight, weight_scale, A_cat, B_cat,
-                         xa if xa.shape[1] else None)
+                         xa if xa.shape[1] else None, masks if masks.shape[0] else None)
     dx, _, _, dbias, _, *grads = LoRALinearFunction.backward(ctx, dy)
     fill = lambda t: x.new_empty(0) if t is None else t  # noqa: E731  (returns may not alias)
     return fill(dx), fill(dbias), [fill(t) for t in grads[:n]], [fill(t) for t in grads[n:]]
