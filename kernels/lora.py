@@ -12,6 +12,8 @@ stacked adapters ``A`` [R, K] and ``B`` [N, R], adapter ``a`` owning rank rows
   ``dX = dY W + Σ_a keep_a ⊙ (g_a A_a)``; int8 ``W`` is loaded as int8 and scaled per output
   row (forward: in the epilogue, exact) or per reduction row (backward: on the tile).
 * ``lora_dA``: ``dA_a = g_aᵀ (keep_a ⊙ x)``, split over M for parallelism, mask read from the bits.
+* ``lora_g_db``: ``g = dY B_s`` and ``dB += dYᵀ xa_s`` from one read of dY (the cuBLAS and merged
+  designs' backward, whose dX is one GEMM that cannot carry them).
 * ``draw_mask_bits``: draws one adapter's keep-mask into its packed bits, once per forward;
   ``dropout_mask`` unpacks one for tests and debugging.
 
@@ -270,6 +272,38 @@ def _lora_dA_kernel(
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _lora_g_db_kernel(
+    dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr, M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xm, stride_xr, stride_gm, stride_gr,
+    stride_dbn, stride_dbr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # g = dY·B_s and dB += dYᵀ·xa_s from one read of dY: each program owns a row block of g (its
+    # whole reduction over N) and adds its row block's share of dB (a reduction over M) by atomics.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < R
+    xa = tl.load(xa_ptr + rm.to(tl.int64)[:, None] * stride_xm + rr[None, :] * stride_xr,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        dy = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        g = tl.dot(dy, b, g, input_precision=INPUT_PRECISION)
+        part = tl.dot(tl.trans(dy), xa, input_precision=INPUT_PRECISION)
+        # Relaxed: only the sum matters, read after the kernel ends.
+        tl.atomic_add(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, part,
+                      mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+    tl.store(g_ptr + rm.to(tl.int64)[:, None] * stride_gm + rr[None, :] * stride_gr, g.to(g_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
 # -- configurations ------------------------------------------------------------------------------
 
 def _gemm_configs() -> list[triton.Config]:
@@ -510,5 +544,35 @@ def lora_dA_partial(g, x, out, bits, start, rank) -> None:
             g, x, out, bits, start, rank, M, K, rows,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), bits.stride(0),
             INPUT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=warps,
+        )
+
+
+G_DB_MAX_RANK = 64  # g's fp32 [BLOCK_M, R] accumulator and xa's tile stay in registers
+
+
+def g_db_tile(dtype: torch.dtype, R: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) of ``lora_g_db``: fp32 at R > 16 halves the rows, as 64 rows
+    spill 7 KB per thread on sm_90 (tests/hopper_compile.py)."""
+    return (32, 64, 4) if dtype == torch.float32 and R > 16 else (64, 64, 4)
+
+
+def lora_g_db(dy, B_s, xa, g, db) -> None:
+    """``g = dY·B_s`` (any float dtype, [M, R]) and ``db += dYᵀ·xa`` (fp32 [N, R], zeroed by the
+    caller) reading dY once; R <= ``G_DB_MAX_RANK``. The atomics sum in a varying order: callers
+    keep two GEMMs under ``torch.use_deterministic_algorithms``."""
+    M, N = dy.shape
+    R = B_s.shape[1]
+    if not 0 < R <= G_DB_MAX_RANK or db.dtype != torch.float32 or tuple(db.shape) != (N, R) \
+            or tuple(g.shape) != (M, R) or tuple(xa.shape) != (M, R):
+        raise ValueError(f"lora_g_db: need 0 < R <= {G_DB_MAX_RANK}, g/xa [{M}, R], db fp32 [{N}, R]; "
+                         f"got R={R}, g {tuple(g.shape)}, xa {tuple(xa.shape)}, db {db.dtype} {tuple(db.shape)}")
+    block_m, block_n, warps = (32, 32, 4) if _utils.interpreting() else g_db_tile(dy.dtype, R)
+    with _utils.on_device(dy.device):
+        _lora_g_db_kernel[(triton.cdiv(M, block_m),)](
+            dy, B_s, xa, g, db, M, N, R,
+            dy.stride(0), dy.stride(1), B_s.stride(0), B_s.stride(1), xa.stride(0), xa.stride(1),
+            g.stride(0), g.stride(1), db.stride(0), db.stride(1),
+            INPUT_PRECISION=_precision(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
             num_warps=warps,
         )

@@ -113,6 +113,16 @@ def _small_case(name, which, dtype, block_r):
                    dict(INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_R=block_r, stride_gr=1, stride_xk=1),
                    ("g_ptr", "x_ptr", "out_ptr", "bits_ptr", "K", "stride_gm", "stride_xm", "stride_os", "stride_or",
                     "stride_bm"), num_warps=4)
+    elif which == "g_db":
+        import torch
+
+        bm, bn, warps = kl.g_db_tile({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype],
+                                     block_r)
+        k = _build(kl._lora_g_db_kernel, dict(dy_ptr=t, b_ptr=t, xa_ptr=t, g_ptr=t, db_ptr="*fp32"),
+                   dict(INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, stride_dyn=1, stride_xr=1,
+                        stride_gr=1, stride_dbr=1),
+                   ("dy_ptr", "b_ptr", "xa_ptr", "g_ptr", "db_ptr", "N", "stride_dym", "stride_bn", "stride_xm",
+                    "stride_gm", "stride_dbn"), num_warps=warps)
     elif which == "mask":
         k = _build(kl._draw_bits_kernel, dict(bits_ptr="*u8", seed_ptr="*i64", p="fp32"),
                    dict(BLOCK_M=32, BLOCK_B=16), ("bits_ptr", "K", "stride_bm"), num_warps=4)
@@ -154,9 +164,9 @@ def cases(full: bool) -> list[tuple]:
                        ("fwd_int8", 16)):
             tile = choosable_tiles(launch_kind(GEMM_FLAGS[fs]))[0]
             out.append((_gemm_case, (f"{fs}/bf16/{tile}/R{br}", fs, "bf16", tile, br)))
-    for which in ("down", "dA", "mask", "ce_fwd", "ce_bwd"):
+    for which in ("down", "dA", "g_db", "mask", "ce_fwd", "ce_bwd"):
         for dt in (("bf16", "fp16", "fp32") if full else ("bf16",)):
-            for br in ((16, 64) if full and which in ("down", "dA") else (16,)):
+            for br in ((16, 64) if full and which in ("down", "dA", "g_db") else (16,)):
                 out.append((_small_case, (f"{which}/{dt}/R{br}", which, dt, br)))
     return out
 

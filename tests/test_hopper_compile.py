@@ -44,7 +44,7 @@ def check(recs: list[dict]) -> None:
     spills = [r["case"] for r in recs if choosable(r) and (r["stack"] or r["local"])]
     assert not spills, f"choosable configs spill: {spills}"
     # The LoRA-only accumulate ("nobase") has no K loop to pipeline: its loads are rank-sized.
-    scalar = [r["case"] for r in recs if r["kernel"] in ("lora_gemm", "down", "dA") and not r["cp_async"]
+    scalar = [r["case"] for r in recs if r["kernel"] in ("lora_gemm", "down", "dA", "g_db") and not r["cp_async"]
               and not r.get("kind", "").startswith("nobase")]
     assert not scalar, f"no cp.async (alignment specialization lost?): {scalar}"
     assert all(r["shared"] <= 227 * 1024 for r in recs)  # sm_90's per-block limit

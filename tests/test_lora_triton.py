@@ -388,3 +388,40 @@ def test_forward_keeps_its_draw_and_backward_reads_only_that(design):
         assert torch.allclose(g.double(), r, atol=1e-3, rtol=1e-3)
     same = lt.op_backward(dy, x, W, None, A, B, xa, masks, seed, scales, ps, design, "dequant", needs)
     assert not torch.allclose(same[2][0], got[2][0], atol=1e-3)  # the bits, not the seed, decide dA
+
+
+@given(M=st.integers(1, 70), N=st.integers(1, 70), R=st.integers(1, 40), half=st.booleans())
+def test_g_and_dB_from_one_read_of_dy_match_two_gemms(M, N, R, half):
+    from fastfair.kernels.lora import lora_g_db
+
+    dt = torch.float16 if half else torch.float32
+    gen = torch.Generator().manual_seed(M * 10_000 + N * 100 + R)
+    dy, B_s, xa = (torch.randn(*s, generator=gen).to(dt) for s in ((M, N), (N, R), (M, R)))
+    g = torch.full((M, R), float("nan"), dtype=dt)  # every element must be written
+    db = torch.zeros((N, R))
+    lora_g_db(dy, B_s, xa, g, db)
+    tol = TOL[dt] * max(1.0, math.sqrt(N))
+    assert torch.allclose(g.double(), dy.double() @ B_s.double(), atol=tol, rtol=tol)
+    assert torch.allclose(db.double(), dy.double().t() @ xa.double(), atol=tol * math.sqrt(M), rtol=tol)
+
+
+def test_merged_backward_takes_g_and_dB_from_the_fused_pass(monkeypatch):
+    # On CUDA the merged design's backward reads dY once for g and dB; here the same branch runs
+    # under the interpreter and must give the two-GEMM result.
+    from fastfair.kernels import lora as kl
+    from fastfair.ops import lora as ol
+
+    torch.manual_seed(5)
+    M, K, N = 40, 24, 36
+    x, W, dy = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)
+    A, B = [torch.randn(6, K), torch.randn(3, K)], [torch.randn(N, 6), torch.randn(N, 3)]
+    _, xa, masks = ol.torch_forward(x, W, None, None, A, B, [0.5, 2.0], [0.0, 0.0], None, True)
+    needs = [True, False, True, True, True, True]
+    want = ol.torch_backward(dy, x, W, None, A, B, xa, masks, [0.5, 2.0], [0.0, 0.0], True, needs)
+    calls, real = [], kl.lora_g_db
+    monkeypatch.setattr(ol, "_fused_g_db", lambda dy2, R: True)
+    monkeypatch.setattr(kl, "lora_g_db", lambda *a: calls.append(1) or real(*a))
+    got = ol.torch_backward(dy, x, W, None, A, B, xa, masks, [0.5, 2.0], [0.0, 0.0], True, needs)
+    assert calls == [1]
+    for g, w in zip([got[0], *got[2], *got[3]], [want[0], *want[2], *want[3]]):
+        assert torch.allclose(g, w, atol=1e-3, rtol=1e-4)

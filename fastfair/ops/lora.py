@@ -156,6 +156,13 @@ def _rank_cols(coefs, lora_A, dt, device):
     return torch.tensor([c for c, A in zip(coefs, lora_A) for _ in range(A.shape[0])], dtype=dt, device=device)
 
 
+def _fused_g_db(dy2: torch.Tensor, R: int) -> bool:
+    """Whether ``g`` and ``dB`` come from one Triton pass over dY: on CUDA, rank <= 64, and not
+    under deterministic algorithms (its dB adds by atomics). float64 stays on cuBLAS."""
+    return (dy2.is_cuda and dy2.dtype != torch.float64 and 0 < R <= 64
+            and not torch.are_deterministic_algorithms_enabled())
+
+
 def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scales, dropout, merged, needs,
                    w_merged=None):
     """``(dx, dbias (fp32 or fp64), dA, dB)`` of ``torch_forward``; unneeded ones are empty [0] tensors.
@@ -171,7 +178,16 @@ def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scale
     A_cat, B_s = _stacked(lora_A, lora_B, coefs, dt, K, dy2.shape[1], x.device)
     drop = masks.shape[0] > 0
     keep = [unpack_bits(masks[a], K) if drop and dropout[a] > 0 else None for a in range(n)]
-    g = dy2 @ B_s
+    db32 = None
+    if any(needs[2 + n:]) and _fused_g_db(dy2, B_s.shape[1]):
+        # one Triton pass reads dY for both g and dB (two cuBLAS GEMMs would read it twice)
+        from ..kernels import lora as kl
+
+        g = torch.empty((dy2.shape[0], B_s.shape[1]), dtype=dt, device=x.device)
+        db32 = torch.zeros((dy2.shape[1], B_s.shape[1]), dtype=torch.float32, device=x.device)
+        kl.lora_g_db(dy2, B_s, xa, g, db32)
+    else:
+        g = dy2 @ B_s
     empty = lambda: x.new_empty(0)  # noqa: E731  (a new one each: returns of an op may not alias)
     starts = [0]
     for A in lora_A:
@@ -192,7 +208,10 @@ def torch_backward(dy, x, weight, weight_scale, lora_A, lora_B, xa, masks, scale
         sl = slice(starts[a], starts[a + 1])
         xd = x2 if keep[a] is None else x2 * keep[a]
         dA.append((g[:, sl].t() @ xd).to(lora_A[a].dtype) if needs[2 + a] else empty())
-        dB.append((dy2.t() @ xa[:, sl]).to(lora_B[a].dtype) if needs[2 + n + a] else empty())
+        if not needs[2 + n + a]:
+            dB.append(empty())
+        else:
+            dB.append((dy2.t() @ xa[:, sl] if db32 is None else db32[:, sl]).to(lora_B[a].dtype))
     return dx, dbias, dA, dB
 
 

@@ -241,8 +241,13 @@ class LoRALinearFunction(torch.autograd.Function):
             if not down:
                 # gs[:, a] = c_a · dY B_a: the scale rides on B (R×N), never on an M-sized tensor.
                 B_s = torch.cat([B_cat[:, plan.sl(a)] * plan.coefs[a] for a in range(n)], 1)
-                with nvtx_range("fastfair.lora.bwd_g"):
-                    torch.mm(dy2, B_s, out=gs)
+                if atomic_dB and R <= kl.G_DB_MAX_RANK:  # g and dB from one read of dY
+                    db32 = torch.zeros((N, R), dtype=torch.float32, device=dev)
+                    with nvtx_range("fastfair.lora.bwd_g_dB"):
+                        kl.lora_g_db(dy2, B_s, xa, gs, db32)
+                else:
+                    with nvtx_range("fastfair.lora.bwd_g"):
+                        torch.mm(dy2, B_s, out=gs)
 
         if need_x:
             dx = _utils.alloc((M, Kdim), dt, dev)
