@@ -43,8 +43,9 @@ def _draw_seed(device: torch.device) -> torch.Tensor:
 def loop_plan(design: str, R: int, dropout: bool) -> tuple[bool, bool]:
     """(forward down-projection in the loop, dX's ``g``/``dB`` in the loop) for ``design``.
 
-    Only ``fused_inloop`` loops. Its forward cannot with dropout: each adapter's mask would have
-    to be redrawn per output column block, so the down-projection stays a separate pass there.
+    Only ``fused_inloop`` loops. Its forward does not with dropout: each adapter would need its own
+    masked copy of every x tile inside the loop (one more product per adapter and k-step, repeated
+    per output column block), so the down-projection stays a separate pass there.
     """
     can = design == "fused_inloop" and 0 < R <= tiles.DOWN_MAX_RANK
     return can and not dropout, can
