@@ -263,7 +263,10 @@ def provenance() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    # dirty: uncommitted changes to tracked files other than the results files experiments write
+    # (an experiment started after another one finished would otherwise count its file as code).
+    return {"commit": _git("rev-parse", "HEAD"),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results")),
             "versions": versions, "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
