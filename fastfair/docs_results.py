@@ -80,13 +80,15 @@ def _workflow_rows(sub: str) -> Callable[[Path], tuple[list[dict], dict]]:
 
 
 def _tune_rows(work: Path) -> tuple[list[dict], dict]:
-    """Per seed: the tuned configuration (best/) and the base config (baseline/), val and test."""
+    """Per seed: the tuned configuration (best/), the base config (baseline/) and the base config at
+    the tuned learning rate (baseline_tuned_lr/), val and test."""
     keep = ("accuracy", "worst_group_accuracy", "accuracy_gap", "equalized_odds_difference")
+    arms = {"best": "tuned", "baseline": "baseline", "baseline_tuned_lr": "baseline at tuned lr"}
     rows = []
     for seed_dir in sorted((work / "tune").glob("seed*"), key=lambda d: int(d.name[4:])):
-        for arm in ("best", "baseline"):
+        for arm, label in arms.items():
             res = _read_json(seed_dir / arm / "result.json")
-            rows.append({"seed": int(seed_dir.name[4:]), "arm": "tuned" if arm == "best" else "baseline",
+            rows.append({"seed": int(seed_dir.name[4:]), "arm": label, "lr": res["config"].get("lr"),
                          **{k: res["test"].get(k) for k in keep},
                          "val_worst_group_accuracy": res["val"].get("worst_group_accuracy")})
     return rows, {}
@@ -198,15 +200,16 @@ def _tune_table(res: dict) -> str:
 
 
 def _tune_gains(res: dict) -> str:
-    """Per seed: the tuned configuration's change against the base config."""
+    """Per seed: the tuned configuration's change against each comparison arm."""
     by = {(r["arm"], r["seed"]): r for r in res["rows"]}
     body = []
-    for key in ("accuracy", "worst_group_accuracy", "accuracy_gap"):
-        d = [by[("tuned", s)][key] - by[("baseline", s)][key] for s in res["seeds"]
-             if ("tuned", s) in by and ("baseline", s) in by]
-        body.append([key, ", ".join(f"{x:+.3f}" for x in d), fmt(d),
-                     verdict(*mean_std(d), higher_is_better=key != "accuracy_gap")])
-    return markdown_table(["test metric", "tuned − baseline per seed", "mean ± std", "verdict"], body)
+    for other in dict.fromkeys(r["arm"] for r in res["rows"] if r["arm"] != "tuned"):
+        for key in ("accuracy", "worst_group_accuracy", "accuracy_gap"):
+            d = [by[("tuned", s)][key] - by[(other, s)][key] for s in res["seeds"]
+                 if ("tuned", s) in by and (other, s) in by]
+            body.append([other, key, ", ".join(f"{x:+.3f}" for x in d), fmt(d),
+                         verdict(*mean_std(d), higher_is_better=key != "accuracy_gap")])
+    return markdown_table(["against", "test metric", "tuned − it per seed", "mean ± std", "verdict"], body)
 
 
 EXPERIMENTS.update({

@@ -383,3 +383,21 @@ def test_workflow_help_parses_before_heavy_imports_and_shows_defaults(module):
     expected = {"sweep": "default: 1,4,16,64", "tune": "(default: 20)", "debias": "(default: 8)",
                 "bias_transfer": "(default: linear,lora:1"}[module]
     assert expected in " ".join(out.split())
+
+
+def test_tune_compares_with_the_base_config_and_with_it_at_the_tuned_lr(tmp_path, small, monkeypatch):
+    # The study tunes the learning rate as well: without the base config at the tuned rate, a gain
+    # cannot be credited to the choice of parameters.
+    out = tmp_path / "tune"
+    cfg = base(tmp_path, epochs=1, batch_size=32)
+    calls = count_train_calls(monkeypatch)
+    res = tune_mod.tune(cfg, out, n_trials=2, objectives=["accuracy_gap"], pruner="none", datasets=small,
+                        compare_baseline=True)
+    assert calls[-3:] == [str(out / "best"), str(out / "baseline"), str(out / "baseline_tuned_lr")]
+    tuned_lr = res["best_config"].lr
+    assert load_config(out / "baseline_tuned_lr" / "config.yaml").lr == tuned_lr
+    assert load_config(out / "baseline" / "config.yaml").lr == cfg.lr != tuned_lr
+    summary = (out / "summary.md").read_text()
+    assert "base config (baseline/)" in summary and "base config at the tuned lr (baseline_tuned_lr/)" in summary
+    gap = res["final"]["test"]["accuracy_gap"] - res["baseline_tuned_lr"]["test"]["accuracy_gap"]
+    assert f"{gap:+.4f}" in summary

@@ -14,7 +14,8 @@ trials against --n-trials; a trial left running by a killed process is marked fa
 Stage two retrains the best configuration from scratch (--final-epochs) and reports on the
 test split. Output under --output-dir (default runs/tune):
   summary.md         best trial, optuna's parameter importance, the test comparison with the
-                     base config (--compare-baseline)
+                     base config and with the base config at the tuned learning rate
+                     (--compare-baseline: baseline/, baseline_tuned_lr/)
   study.png          optimization history (one objective) or the trials' Pareto front (two)
   best_config.yaml   for fastfair train --config
   trials.csv         every trial; trials/trial_NNNN/ its run; best/ the stage-two run
@@ -376,25 +377,31 @@ def summary_markdown(study, objectives, best, result: dict) -> str:
         lines.append(f"\nOn {sum(1 for t in study.trials if t.values)} trials: with few trials "
                      "these are rough, and they say what moved the objective, not by how much.")
     lines += ["", "## Stage two (test split, one seed)", ""]
-    lines += [baseline_table(result["final"], result["baseline"])] if result["final"] else \
+    lines += [baseline_table(result["final"], {k: result[k] for k in COMPARISONS})] if result["final"] else \
         ["Not run (--no-retrain)."]
     return "\n".join(lines) + "\n"
 
 
-def baseline_table(final: dict, baseline: dict | None, split: str = "test") -> str:
-    """Test metrics of the tuned run beside the base config's (when run) and their difference."""
+COMPARISONS = {"baseline": "base config (baseline/)", "baseline_tuned_lr": "base config at the tuned lr "
+                "(baseline_tuned_lr/)"}
+
+
+def baseline_table(final: dict, baselines: dict, split: str = "test") -> str:
+    """Test metrics of the tuned run beside each comparison run's (``COMPARISONS`` keys; those
+    not run are None) and the differences."""
     from ..metrics import summary_keys
 
-    head = "| metric | tuned (best/) |" + (" base config (baseline/) | tuned − base |" if baseline else "")
-    lines = [head, "|---|---|" + ("---|---|" if baseline else "")]
+    runs = {k: v for k, v in baselines.items() if v}
+    head = "| metric | tuned (best/) |" + "".join(f" {COMPARISONS[k]} | tuned − it |" for k in runs)
+    lines = [head, "|---|---|" + "---|---|" * len(runs)]
     for key in summary_keys():
         v = final[split].get(key)
         cells = [fmt_mean_std(v, None, 4)]
-        if baseline:
-            b = baseline[split].get(key)
+        for run in runs.values():
+            b = run[split].get(key)
             cells += [fmt_mean_std(b, None, 4), "n/a" if v is None or b is None else f"{v - b:+.4f}"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    if baseline:
+    if runs:
         lines.append("\nOne seed each: the seed spread is unknown, so the difference is not established; "
                      "repeat with other --seed values before reading it as an effect.")
     return "\n".join(lines)
@@ -406,8 +413,9 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
          compare_baseline: bool = False, datasets=None) -> dict:
     """Run (or resume) the study, then retrain the best configuration and report on test.
 
-    Returns ``{"best_params", "best_values", "best_config", "final", "baseline"}`` (``final``
-    and ``baseline``: ``run_point`` results with val/test scalars; ``None`` when not run).
+    Returns ``{"best_params", "best_values", "best_config", "final", "baseline",
+    "baseline_tuned_lr"}`` (the last three: ``run_point`` results with val/test scalars; ``None``
+    when not run).
     ``pruner``: ``"median"``, ``"none"`` or an optuna pruner. Writes ``trials.csv``,
     ``study.png``, ``best_config.yaml`` and ``summary.md`` under ``out``.
     """
@@ -425,7 +433,8 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
     depth = vit_depth(base, datasets["train"].num_classes)
     study = run_trials(base, out, n_trials, objectives, depth, datasets, ranks, allow_full, (lo, hi),
                        pruner, population_size)
-    result = {"best_params": None, "best_values": None, "best_config": None, "final": None, "baseline": None}
+    result = {"best_params": None, "best_values": None, "best_config": None, "final": None, "baseline": None,
+              "baseline_tuned_lr": None}
     best = None
     if main:
         write_trials(study, objectives, out / "trials.csv")
@@ -448,10 +457,15 @@ def tune(base: TrainConfig, out, n_trials: int = 20, objectives=("worst_group_ac
         if compare_baseline:
             base_cfg = derive(base, output_dir=str(out / "baseline"), epochs=final_cfg.epochs)
             result["baseline"] = run_point(base_cfg, datasets=datasets, stale="replace")
+            # the study tunes the learning rate too: the base config at the tuned rate tells the
+            # choice of parameters apart from the choice of rate
+            lr_cfg = derive(base_cfg, output_dir=str(out / "baseline_tuned_lr"), lr=final_cfg.lr)
+            result["baseline_tuned_lr"] = run_point(lr_cfg, datasets=datasets, stale="replace")
     if main:
         (out / "summary.md").write_text(summary_markdown(study, objectives, best, result))
         if result["final"]:
-            print(f"\nfastfair tune: stage two, test split\n\n{baseline_table(result['final'], result['baseline'])}",
+            table = baseline_table(result["final"], {k: result[k] for k in COMPARISONS})
+            print(f"\nfastfair tune: stage two, test split\n\n{table}",
                   flush=True)
         print(f"fastfair tune: summary in {out / 'summary.md'}, plot in {out / 'study.png'}", flush=True)
     return result
@@ -480,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--final-epochs", type=int, help="epochs of the stage-two retraining (default: the config's)")
     g.add_argument("--no-retrain", action="store_true", help="stop after stage one and best_config.yaml")
     g.add_argument("--compare-baseline", action="store_true",
-                   help="also train the base config in stage two and compare both on test in summary.md")
+                   help="also train the base config, and the base config at the tuned learning rate, in "
+                        "stage two and compare them on test in summary.md")
     add_shared_arguments(p, g)
     return p
 
