@@ -9,8 +9,9 @@ derivation of the backward and the choice between the two designs are in docs/ke
   holds, trading a pass over x or dY for recomputing it per output column block.
 * ``"cublas"`` (design b): cuBLAS for the base product, then ``y += xa_s Bᵀ`` in place.
 
-Both draw the dropout masks in-kernel from one seed per call, in the forward's down-projection,
-and keep them bit-packed (``M·K/8`` bytes per adapter) for dX and dA; ``drop(x)`` is never stored.
+Both draw each adapter's dropout mask once per forward, from one seed per call, into 1 bit per
+element (``M·K/8`` bytes), and unpack it in the down-projection, dX and dA; ``drop(x)`` is never
+stored.
 An int8 base is either dequantized into one reused 16-bit buffer (``"dequant"``) or read as int8
 by the fused GEMM (``"inloop"``).
 """
