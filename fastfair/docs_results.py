@@ -234,7 +234,7 @@ EXPERIMENTS.update({
         commands=[],
         per_seed=["fastfair tune --backbone pretrain --n-trials 8 --compare-baseline --seed {seed} "
                   "--log-with null --report-ci false --output-dir {work}/tune/seed{seed}"],
-        seeds=[0, 1, 2], collect=_tune_rows, tables={"table": _tune_table, "gains": _tune_gains},
+        seeds=[0, 1, 2, 3, 4], collect=_tune_rows, tables={"table": _tune_table, "gains": _tune_gains},
         env={"FASTFAIR_CACHE_DIR": "{work}/cache"}),  # one pre-trained backbone, shared by the seeds
     "main_job": Experiment(
         commands=["python -m fastfair.workflows.main_job --seeds {seeds} --output-dir {work}/main_job"],
