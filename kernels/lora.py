@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .lora_tiles import DOWN_MAX_RANK, GEMM_TILES, launch_kind, spilling
+from .lora_tiles import DOWN_MAX_RANK, G_DB_MAX_RANK, GEMM_TILES, launch_kind, spilling
 
 @triton.jit
 def _keep(seed, rows, cols, K, adapter, p):
@@ -547,8 +547,6 @@ def lora_dA_partial(g, x, out, bits, start, rank) -> None:
             num_warps=warps,
         )
 
-
-G_DB_MAX_RANK = 64  # g's fp32 [BLOCK_M, R] accumulator and xa's tile stay in registers
 
 
 def g_db_tile(dtype: torch.dtype, R: int) -> tuple[int, int, int]:

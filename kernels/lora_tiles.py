@@ -16,6 +16,8 @@ GEMM_TILES = (
 # The in-loop down-projection keeps an fp32 [BLOCK_M, R] accumulator beside the output tile's.
 DOWN_MAX_RANK = 64
 MAX_RANK = 256
+# lora_g_db keeps g's fp32 [BLOCK_M, R] accumulator and xa's tile in registers.
+G_DB_MAX_RANK = 64
 
 # Cost-model prior (docs/kernels/lora.md §4), H100 SXM figures: PREDICTED, never measured here.
 # Used only when the chooser does not time (deterministic mode, FASTFAIR_AUTOTUNE=0, no GPU).

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..backend import nvtx_range, resolve_backend, triton_interpreting
 from ..int8 import Int8Weight, dense_weight
+from ..kernels.lora_tiles import G_DB_MAX_RANK
 from .lora_design import (  # noqa: F401  (re-exported: the design-forcing API)
     DESIGNS, ENV_AUTOTUNE, ENV_CACHE_DIR, ENV_DESIGN, ENV_INT8, INT8_MODES, TRITON_DESIGNS, Choice,
     DesignChooser, Problem, force_design,
@@ -159,7 +160,7 @@ def _rank_cols(coefs, lora_A, dt, device):
 def _fused_g_db(dy2: torch.Tensor, R: int) -> bool:
     """Whether ``g`` and ``dB`` come from one Triton pass over dY: on CUDA, rank <= 64, and not
     under deterministic algorithms (its dB adds by atomics). float64 stays on cuBLAS."""
-    return (dy2.is_cuda and dy2.dtype != torch.float64 and 0 < R <= 64
+    return (dy2.is_cuda and dy2.dtype != torch.float64 and 0 < R <= G_DB_MAX_RANK
             and not torch.are_deterministic_algorithms_enabled())
 
 
